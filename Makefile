@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make train` and `make test`. Both build .venv on first use.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/tiny.py
+WORKDIR ?= runs/tiny
+PYTEST_ARGS ?=
+
+.PHONY: venv train test test-gpu clean-venv
+
+# Find a Python >= 3.12: python3.12, then python3, then any pyenv-installed 3.12+ (pyenv shims can
+# exist for versions that are not active, so each candidate is run, not only looked up).
+$(VENV)/.installed: requirements.txt
+	@set -e; found=""; py=""; \
+	for c in python3.12 python3 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[2-9]*/bin/python3 2>/dev/null); do \
+	  v=$$($$c -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || { found="$$found $$c(not runnable)"; continue; }; \
+	  found="$$found $$c($$v)"; \
+	  if $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then py=$$c; break; fi; \
+	done; \
+	if [ -z "$$py" ]; then echo "drt-jax needs Python >= 3.12; found:$${found:- nothing}" >&2; exit 1; fi; \
+	if [ ! -x $(PY) ]; then echo "creating $(VENV) with $$py"; $$py -m venv $(VENV); fi; \
+	$(PY) -m pip install -q --upgrade pip >/dev/null; \
+	$(PY) -m pip install -q -r requirements.txt; \
+	touch $@
+
+venv: $(VENV)/.installed
+
+train: venv
+	$(PY) -m drt_jax.train --config $(CONFIG) --workdir $(WORKDIR)
+
+test: venv
+	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS) tests
+
+# On a GPU machine (its own CUDA jax; do not install requirements.txt there).
+test-gpu:
+	python3 -m pytest -q -m gpu $(PYTEST_ARGS) tests
+
+clean-venv:
+	rm -rf $(VENV)

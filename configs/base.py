@@ -1,0 +1,84 @@
+"""Defaults shared by every experiment: the paper's DRT (REFERENCE_DRT.md §2, §6, §9).
+
+Experiment files import `get_config()` from here and override fields; every architectural
+choice of the paper is a field so an ablation is a config file, not a code path.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 404  # the reference's --seed
+
+  model = config.model = ml_collections.ConfigDict()
+  model.arch = "drt"  # "drt" (retrieval) or "swa" (sliding-window baseline, no landmarks)
+  model.vocab_size = 259  # rows of the tied embedding; must cover the tokenizer's vocab
+  model.d_model = 768  # D
+  model.num_heads = 12  # h; head_dim = d_model / num_heads
+  model.num_kv_heads = 12  # self-attention K/V heads (GQA when < num_heads)
+  model.mlp_dim = 2048  # SwiGLU hidden size F (decoder and encoder)
+  model.decoder_layers = (6, 6)  # [lower, upper layers of group 1, ...]; G = len - 1
+  model.encoder_layers = 2  # bidirectional chunk-encoder depth
+  model.chunk_len = 63  # c: real tokens per chunk; each chunk gets one landmark (S = c + 1)
+  model.window = 512  # W: query i attends keys [i - W, i] in the landmark-inserted stream
+  model.use_alibi = True  # ALiBi in decoder self-attention, slopes 2^(-8(h+1)/H)
+  model.topk = 8  # K: retrieved chunks per chunk
+  model.gumbel = True  # Gumbel top-k sampling in training (never in eval)
+  model.retrieval = "learned"  # "learned" (landmark scores) or "random" (uniform past chunks)
+  model.residual = "reference"  # "reference": GCA only feeds the MLP input; "standard": x + GCA
+  model.softmax_off_by_one = True  # GCA softmax gets +1 in its denominator (the zeroed landmark row)
+  model.rms_eps = 1e-5
+  model.encoder_rms_eps = 1e-6  # the reference encoder's LlamaConfig default (§8 item 8)
+  model.rope_theta = 10000.0  # encoder RoPE base
+  model.init_std = 0.02
+  model.impl = "xla"  # attention/GCA implementation: "xla" or "pallas"
+  model.dtype = "bfloat16"  # compute dtype; params stay float32
+  model.remat = False  # rematerialise every block in the backward pass
+
+  data = config.data = ml_collections.ConfigDict()
+  data.source = "pydoc"  # "pydoc" (ships with Python), "text" (data.path), "tfds" (data.tfds_name)
+  data.path = ""  # file or folder of text files, for source="text"
+  data.tfds_name = ""  # e.g. "pg19" or "drt_text_files", for source="tfds"
+  data.tfds_data_dir = ""  # TFDS data_dir; empty = TFDS default
+  data.tokenizer = "byte"  # "byte" or a path to a HuggingFace tokenizers JSON file
+  data.seq_len = 16380  # T: raw tokens per training sample, a multiple of model.chunk_len
+  data.eval_fraction = 0.05  # tail of the token stream held out for eval (sources without a split)
+  data.cache_dir = ""  # where tokenized corpora are cached; empty = ~/.cache/drt_jax
+  data.worker_count = 0  # grain worker processes (0 = in the main process)
+
+  train = config.train = ml_collections.ConfigDict()
+  train.global_batch_size = 32  # sequences per optimizer step, over all devices
+  train.grad_accum_steps = 1  # micro-batches per optimizer step
+  train.num_train_steps = 60000
+  train.learning_rate = 2e-3
+  train.warmup_steps = 1200  # linear warm-up from 0, then cosine decay
+  train.lr_floor = 0.0  # final learning rate as a fraction of the peak
+  train.b1 = 0.9
+  train.b2 = 0.95
+  train.eps = 1e-6
+  train.weight_decay = 0.001
+  train.grad_clip = 1.0  # global L2 norm
+  train.log_every = 50
+  train.eval_every = 5000
+  train.eval_batches = 16  # batches per periodic eval
+  train.checkpoint_every = 5000
+  train.keep_checkpoints = 3
+
+  mesh = config.mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # -1: all devices not used by the other axes
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  # Logical axis name -> mesh axes (MaxText style); params and activations carry logical names.
+  config.logical_axis_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("vocab", "tensor"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("head_dim", None),
+      ("norm", None),
+      ("length", None),
+  )
+  return config
