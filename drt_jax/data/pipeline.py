@@ -1,0 +1,148 @@
+"""grain pipelines: random training windows and consecutive held-out eval windows.
+
+Training (REFERENCE_DRT.md §6 "Loading"): global sample i = step * global_batch + row is the
+window tokens[s, s + T) of the train stream, s uniform in [0, n - T - 1) drawn from
+np.random.default_rng([seed, i]). Windows ignore document boundaries; labels are the inputs (the
+model shifts them). Process p reads rows [p * B, (p + 1) * B) of every global batch,
+B = global_batch / process_count, so the global batch is the same whatever process_count or
+data.worker_count.
+
+Eval (REFERENCE_DRT.md §7.1, stride -1): window k is tokens[k * T, (k + 1) * T) of the held-out
+stream; global eval batch b holds windows b * global_batch + row, split across processes as above.
+"""
+
+import os
+
+import grain
+import numpy as np
+
+from drt_jax.data import DataError
+from drt_jax.data import sources
+from drt_jax.data import tokenizer as tokenizer_lib
+
+# Index space of the training iterator, in batches: never exhausted by a real run, so the iterator
+# needs no length and a resume continues at the saved batch.
+_NUM_BATCHES = 2**40
+
+
+def validate_data_config(data) -> None:
+  """Checks config.data without reading any data; raises DataError naming the field and value."""
+  if data.source not in sources.SOURCES:
+    raise DataError(f"data.source={data.source!r}: must be one of 'pydoc', 'text', 'tfds'")
+  if data.tokenizer != "byte" and not os.path.isfile(data.tokenizer):
+    raise DataError(f"data.tokenizer={data.tokenizer!r}: must be 'byte' or the path of a "
+                    "HuggingFace tokenizers JSON file (no such file)")
+  if not isinstance(data.seq_len, int) or data.seq_len < 1:
+    raise DataError(f"data.seq_len={data.seq_len!r}: must be a positive integer")
+  if not 0 < data.eval_fraction < 1:
+    raise DataError(f"data.eval_fraction={data.eval_fraction!r}: must be in (0, 1)")
+  if not isinstance(data.worker_count, int) or data.worker_count < 0:
+    raise DataError(f"data.worker_count={data.worker_count!r}: must be an integer >= 0")
+  if data.source == "text" and not os.path.exists(data.path):
+    raise DataError(f"data.path={data.path!r}: no such file or folder (data.source='text')")
+  if data.source == "tfds" and not data.tfds_name:
+    raise DataError("data.tfds_name='': must name a TFDS dataset, e.g. 'pg19' (data.source='tfds')")
+
+
+class _TrainWindow:
+  """Local sample index j -> {"inputs": int32 [seq_len]}, the window of global sample i."""
+
+  def __init__(self, span: sources.TokenSpan, *, seq_len: int, seed: int, global_batch: int,
+               local_batch: int, process_index: int):
+    self.span = span
+    self.seq_len = seq_len
+    self.seed = seed
+    self.global_batch = global_batch
+    self.local_batch = local_batch
+    self.row_offset = process_index * local_batch
+    self._tokens = None
+
+  def __getstate__(self):
+    # grain pickles transforms into worker processes: send the file's name, not its tokens.
+    return {**self.__dict__, "_tokens": None}
+
+  def __call__(self, j: int) -> dict[str, np.ndarray]:
+    if self._tokens is None:
+      self._tokens = self.span.array()
+    step, row = divmod(j, self.local_batch)
+    i = step * self.global_batch + self.row_offset + row
+    start = np.random.default_rng([self.seed, i]).integers(0, len(self.span) - self.seq_len - 1)
+    return {"inputs": self._tokens[start:start + self.seq_len].astype(np.int32)}
+
+
+def make_train_iterator(config, *, process_index: int = 0,
+                        process_count: int = 1) -> grain.DatasetIterator:
+  """The training batches of this process, {"inputs": int32 [global_batch / process_count, T]}.
+
+  One batch per call of next(); checkpoint it with get_state/set_state or orbax
+  (grain.checkpoint.CheckpointSave / CheckpointRestore). The index space never runs out.
+  """
+  local_batch = _local_batch(config, process_index, process_count)
+  if config.seed < 0:
+    raise DataError(f"seed={config.seed}: must be >= 0 (it seeds the window sampler)")
+  corpus = _load_corpus(config)
+  n, seq_len = len(corpus.train), config.data.seq_len
+  if n < seq_len + 2:
+    raise DataError(f"training stream has {n} tokens: too short for windows of "
+                    f"data.seq_len={seq_len} (needs >= {seq_len + 2})")
+  window = _TrainWindow(corpus.train, seq_len=seq_len, seed=config.seed,
+                        global_batch=config.train.global_batch_size, local_batch=local_batch,
+                        process_index=process_index)
+  dataset = (grain.MapDataset.range(_NUM_BATCHES * local_batch)
+             .map(window)
+             .batch(local_batch, drop_remainder=True)
+             .to_iter_dataset())
+  if config.data.worker_count > 0:
+    _mark_absl_flags_parsed()
+    options = grain.MultiprocessingOptions(num_workers=config.data.worker_count)
+    dataset = dataset.mp_prefetch(options)
+  return iter(dataset)
+
+
+def make_eval_batches(config, num_batches: int, *, process_index: int = 0,
+                      process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """Up to `num_batches` held-out batches of this process, {"inputs": int32 [global_batch /
+  process_count, T]}, the same on every call; only whole global batches, so shapes are static."""
+  local_batch = _local_batch(config, process_index, process_count)
+  global_batch, seq_len = config.train.global_batch_size, config.data.seq_len
+  tokens = _load_corpus(config).eval.array()
+  num_windows = len(tokens) // seq_len
+  if num_windows < global_batch:
+    raise DataError(f"held-out stream has {len(tokens)} tokens = {num_windows} windows of "
+                    f"data.seq_len={seq_len}: fewer than one global batch of "
+                    f"train.global_batch_size={global_batch} windows")
+  num_batches = min(num_batches, num_windows // global_batch)
+  windows = tokens[:num_batches * global_batch * seq_len]
+  windows = windows.reshape(num_batches, global_batch, seq_len)
+  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+  return [{"inputs": np.asarray(batch[rows], np.int32)} for batch in windows]
+
+
+def _local_batch(config, process_index: int, process_count: int) -> int:
+  global_batch = config.train.global_batch_size
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index}, process_count={process_count}: "
+                     "need 0 <= process_index < process_count")
+  if global_batch < 1 or global_batch % process_count:
+    raise ValueError(f"train.global_batch_size={global_batch}: must be a positive multiple of "
+                     f"the process count {process_count}")
+  return global_batch // process_count
+
+
+def _load_corpus(config) -> sources.Corpus:
+  validate_data_config(config.data)
+  tok = tokenizer_lib.make_tokenizer(config.data.tokenizer)
+  if tok.vocab_size > config.model.vocab_size:
+    # The embedding lookup would silently clamp the out-of-range ids.
+    raise DataError(f"model.vocab_size={config.model.vocab_size}: smaller than the vocabulary of "
+                    f"data.tokenizer={config.data.tokenizer!r} ({tok.vocab_size})")
+  return sources.load_corpus(config.data, tok)
+
+
+def _mark_absl_flags_parsed() -> None:
+  # grain's worker processes read absl flags; when no absl app parsed them (pytest, argparse
+  # scripts) they would fail on the first flag access.
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()

@@ -1,0 +1,315 @@
+"""Tests of drt_jax.data: tokenizers, sources (pydoc, text, tfds), grain pipelines, resuming."""
+
+import numpy as np
+import pytest
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from configs import tiny
+from drt_jax.data import DataError
+from drt_jax.data import pipeline
+from drt_jax.data import sources
+from drt_jax.data import tokenizer as tokenizer_lib
+
+UNICODE_TEXT = "Héllo wörld — ✓ 日本語 🙂\n\ttabs and\r\nnewlines"
+
+
+def _config(cache_dir, **data):
+  """configs/tiny.py (seq_len 240, global batch 16, byte tokenizer, pydoc), cached in cache_dir."""
+  config = tiny.get_config()
+  config.data.cache_dir = str(cache_dir)
+  config.data.update(data)
+  return config
+
+
+def _take(iterator, n):
+  return [next(iterator)["inputs"] for _ in range(n)]
+
+
+def _bpe_json(tmp_path, special_tokens):
+  """A byte-level BPE tokenizer trained on a few strings, saved as tokenizers JSON."""
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special_tokens,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(["the cat sat on the mat", "the dog ate the cat", UNICODE_TEXT], trainer)
+  path = tmp_path / "tokenizer.json"
+  tok.save(str(path))
+  return str(path)
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+  """Text files in nested folders, plus files the text source must skip."""
+  root = tmp_path / "texts"
+  (root / "sub").mkdir(parents=True)
+  (root / ".hidden").mkdir()
+  for k in range(5):
+    (root / f"doc{k}.txt").write_text(f"Document {k}. {UNICODE_TEXT}\n" * (k + 1), encoding="utf-8")
+  (root / "sub" / "nested.md").write_text("# nested\n" + UNICODE_TEXT, encoding="utf-8")
+  (root / "empty.txt").write_text("")
+  (root / "image.bin").write_bytes(b"\x89PNG\0\1\2")
+  (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+  (root / ".hidden" / "secret.txt").write_text("never read")
+  return root
+
+
+def _expected_text_tokens(root):
+  """The text source's stream, written out: sorted readable files, each followed by eos."""
+  tok = tokenizer_lib.ByteTokenizer()
+  names = ["doc0.txt", "doc1.txt", "doc2.txt", "doc3.txt", "doc4.txt", "sub/nested.md"]
+  return np.concatenate([np.append(tok.encode((root / n).read_bytes().decode()), tok.eos_id)
+                         for n in names])
+
+
+def _stream(corpus):
+  return np.concatenate([corpus.train.array(), corpus.eval.array()])
+
+
+class TestTokenizers:
+
+  def test_byte_roundtrip(self):
+    tok = tokenizer_lib.make_tokenizer("byte")
+    ids = tok.encode(UNICODE_TEXT)
+    assert ids.dtype == np.int32 and ids.max() < 256
+    assert (tok.vocab_size, tok.eos_id) == (257, 256)
+    assert tok.decode(ids) == UNICODE_TEXT
+    assert tok.decode(np.append(ids, [tok.eos_id, 258])) == UNICODE_TEXT  # specials dropped
+
+  @pytest.mark.parametrize("eos", ["<|endoftext|>", "</s>"])
+  def test_hf_roundtrip_and_eos(self, tmp_path, eos):
+    path = _bpe_json(tmp_path, ["<pad>", eos])
+    tok = tokenizer_lib.make_tokenizer(path)
+    assert isinstance(tok, tokenizer_lib.HFTokenizer)
+    assert tok.eos_id == tokenizers.Tokenizer.from_file(path).token_to_id(eos) == 1
+    ids = tok.encode(UNICODE_TEXT)
+    assert ids.dtype == np.int32 and ids.max() < tok.vocab_size
+    assert tok.decode(np.append(ids, tok.eos_id)) == UNICODE_TEXT
+    assert [list(x) for x in tok.encode_batch(["the cat", "sat"])] == [
+        list(tok.encode("the cat")), list(tok.encode("sat"))]
+
+  def test_hf_without_eos_token(self, tmp_path):
+    with pytest.raises(DataError, match="no end-of-document token"):
+      tokenizer_lib.make_tokenizer(_bpe_json(tmp_path, ["<pad>"]))
+
+  def test_bad_paths(self, tmp_path):
+    missing = str(tmp_path / "missing.json")
+    with pytest.raises(DataError, match="no such file") as err:
+      tokenizer_lib.make_tokenizer(missing)
+    assert missing in str(err.value) and "\n" not in str(err.value)
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    with pytest.raises(DataError, match="not a HuggingFace tokenizers JSON") as err:
+      tokenizer_lib.make_tokenizer(str(garbage))
+    assert str(garbage) in str(err.value) and "\n" not in str(err.value)
+
+
+class TestSources:
+
+  def test_pydoc(self, tmp_path):
+    config = _config(tmp_path)
+    corpus = sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
+    stream = _stream(corpus)
+    assert stream.dtype == np.uint16 and len(stream) > 400_000
+    assert (stream == 256).sum() > 50  # one eos per topic
+    assert corpus.train.stop == corpus.eval.start == len(stream) - int(len(stream) * 0.05)
+
+  def test_text_folder(self, tmp_path, text_dir):
+    config = _config(tmp_path, source="text", path=str(text_dir), eval_fraction=0.25)
+    corpus = sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
+    expected = _expected_text_tokens(text_dir)
+    np.testing.assert_array_equal(_stream(corpus), expected)
+    assert len(corpus.eval) == int(len(expected) * 0.25)
+
+  def test_single_file(self, tmp_path, text_dir):
+    config = _config(tmp_path, source="text", path=str(text_dir / "doc0.txt"))
+    stream = _stream(sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer()))
+    text = (text_dir / "doc0.txt").read_bytes().decode()
+    assert tokenizer_lib.ByteTokenizer().decode(stream) == text
+
+  def test_cache_is_reused_and_keyed_by_files(self, tmp_path, text_dir):
+    config = _config(tmp_path, source="text", path=str(text_dir))
+    first = sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
+
+    class NoEncoding(tokenizer_lib.ByteTokenizer):
+      def encode_batch(self, texts):
+        raise AssertionError("re-tokenized a cached corpus")
+
+    assert sources.load_corpus(config.data, NoEncoding()) == first
+    (text_dir / "doc9.txt").write_text("a new file")
+    assert sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer()) != first
+    assert not list((tmp_path).glob("*.tmp-*"))
+
+  @pytest.mark.parametrize("case, message", [
+      ("missing", "no such file or folder"),
+      ("empty", "no files in this folder"),
+      ("binary.bin", "no non-empty UTF-8 text"),
+  ])
+  def test_text_errors(self, tmp_path, case, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "binary.bin").write_bytes(b"\0\1")
+    path = str(tmp_path / case)
+    config = _config(tmp_path / "cache", source="text", path=path)
+    with pytest.raises(DataError, match=message) as err:
+      sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
+    assert path in str(err.value) and "\n" not in str(err.value)
+
+  def test_tfds_builder_matches_text_source(self, tmp_path, text_dir):
+    from drt_jax.data import text_files_tfds
+
+    data_dir = str(tmp_path / "tfds")
+    text_files_tfds.prepare(str(text_dir), data_dir)
+    config = _config(tmp_path / "cache", source="tfds", tfds_name="drt_text_files",
+                     tfds_data_dir=data_dir)
+    corpus = sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
+    np.testing.assert_array_equal(_stream(corpus), _expected_text_tokens(text_dir))
+    # The last of the sorted files is the validation split.
+    nested = (text_dir / "sub" / "nested.md").read_bytes().decode()
+    assert tokenizer_lib.ByteTokenizer().decode(corpus.eval.array()) == nested
+
+  def test_tfds_missing_dataset(self, tmp_path):
+    config = _config(tmp_path, source="tfds", tfds_name="drt_text_files",
+                     tfds_data_dir=str(tmp_path / "nothing"))
+    with pytest.raises(DataError, match="cannot open split 'train'") as err:
+      sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
+    assert "\n" not in str(err.value)
+
+
+class TestTrainIterator:
+
+  def test_deterministic_and_seeded(self, tmp_path):
+    config = _config(tmp_path)
+    first = _take(pipeline.make_train_iterator(config), 3)
+    assert first[0].shape == (16, 240) and first[0].dtype == np.int32
+    for a, b in zip(first, _take(pipeline.make_train_iterator(config), 3)):
+      np.testing.assert_array_equal(a, b)
+    config.seed = 1
+    assert not np.array_equal(first[0], _take(pipeline.make_train_iterator(config), 1)[0])
+
+  def test_windows_follow_the_reference_sampler(self, tmp_path):
+    config = _config(tmp_path)
+    train = sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer()).train.array()
+    batches = _take(pipeline.make_train_iterator(config), 2)
+    for step, batch in enumerate(batches):
+      for row, window in enumerate(batch):
+        i = step * 16 + row
+        start = np.random.default_rng([config.seed, i]).integers(0, len(train) - 240 - 1)
+        assert start + 240 < len(train)  # inside the train range, never in the held-out tail
+        np.testing.assert_array_equal(window, train[start:start + 240])
+
+  def test_process_sharding_keeps_the_global_batch(self, tmp_path):
+    config = _config(tmp_path)
+    whole = _take(pipeline.make_train_iterator(config), 3)
+    parts = [_take(pipeline.make_train_iterator(config, process_index=p, process_count=2), 3)
+             for p in range(2)]
+    for step in range(3):
+      assert parts[0][step].shape == (8, 240)
+      np.testing.assert_array_equal(np.concatenate([parts[0][step], parts[1][step]]), whole[step])
+
+  def test_resume_from_state(self, tmp_path):
+    config = _config(tmp_path)
+    uninterrupted = _take(pipeline.make_train_iterator(config), 4)
+    iterator = pipeline.make_train_iterator(config)
+    _take(iterator, 3)
+    state = iterator.get_state()
+    resumed = pipeline.make_train_iterator(config)
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["inputs"], uninterrupted[3])
+
+  def test_resume_through_orbax(self, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+
+    config = _config(tmp_path)
+    uninterrupted = _take(pipeline.make_train_iterator(config), 3)
+    iterator = pipeline.make_train_iterator(config)
+    _take(iterator, 2)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+      manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+      manager.wait_until_finished()
+    resumed = pipeline.make_train_iterator(config)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+      manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+    np.testing.assert_array_equal(next(resumed)["inputs"], uninterrupted[2])
+
+  def test_worker_processes_give_the_same_batches(self, tmp_path):
+    config = _config(tmp_path)
+    expected = _take(pipeline.make_train_iterator(config), 3)
+    config.data.worker_count = 2
+    iterator = pipeline.make_train_iterator(config)
+    try:
+      for a, b in zip(_take(iterator, 3), expected):
+        np.testing.assert_array_equal(a, b)
+    finally:
+      iterator.close()
+
+  def test_too_short_corpus(self, tmp_path, text_dir):
+    config = _config(tmp_path, source="text", path=str(text_dir), seq_len=15 * 1000)
+    with pytest.raises(DataError, match="too short for windows of data.seq_len=15000"):
+      pipeline.make_train_iterator(config)
+
+
+class TestEvalBatches:
+
+  def test_consecutive_held_out_windows(self, tmp_path):
+    config = _config(tmp_path)
+    corpus = sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
+    held_out = corpus.eval.array()
+    batches = pipeline.make_eval_batches(config, 4)
+    assert len(batches) == 4 and batches[0]["inputs"].shape == (16, 240)
+    windows = np.concatenate([b["inputs"] for b in batches])
+    np.testing.assert_array_equal(windows.reshape(-1), held_out[:4 * 16 * 240])
+    assert corpus.train.stop == corpus.eval.start  # held out: after every training window's end
+    again = pipeline.make_eval_batches(config, 4)
+    assert all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(batches, again))
+
+  def test_process_sharding_and_cap(self, tmp_path):
+    config = _config(tmp_path)
+    whole = pipeline.make_eval_batches(config, 2)
+    parts = [pipeline.make_eval_batches(config, 2, process_index=p, process_count=2)
+             for p in range(2)]
+    for b in range(2):
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][b]["inputs"], parts[1][b]["inputs"]]), whole[b]["inputs"])
+    held_out = sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer()).eval
+    assert len(pipeline.make_eval_batches(config, 10_000)) == len(held_out) // 240 // 16
+
+  def test_held_out_too_short(self, tmp_path):
+    config = _config(tmp_path, eval_fraction=0.0001)
+    message = r"held-out stream has \d+ tokens = 0 windows of data.seq_len=240"
+    with pytest.raises(DataError, match=message):
+      pipeline.make_eval_batches(config, 1)
+
+
+class TestValidation:
+
+  @pytest.mark.parametrize("field, value, message", [
+      ("source", "web", "data.source='web': must be one of 'pydoc', 'text', 'tfds'"),
+      ("tokenizer", "/no/such.json", "data.tokenizer='/no/such.json': must be 'byte' or"),
+      ("eval_fraction", 0.0, r"data.eval_fraction=0.0: must be in \(0, 1\)"),
+      ("eval_fraction", 1.0, r"data.eval_fraction=1.0: must be in \(0, 1\)"),
+      ("worker_count", -1, "data.worker_count=-1"),
+      ("seq_len", 0, "data.seq_len=0"),
+  ])
+  def test_bad_field(self, tmp_path, field, value, message):
+    config = _config(tmp_path)
+    config.data[field] = value
+    with pytest.raises(DataError, match=message):
+      pipeline.validate_data_config(config.data)
+
+  def test_source_specific_fields(self, tmp_path):
+    with pytest.raises(DataError, match="data.path=''"):
+      pipeline.validate_data_config(_config(tmp_path, source="text").data)
+    with pytest.raises(DataError, match="data.tfds_name=''"):
+      pipeline.validate_data_config(_config(tmp_path, source="tfds").data)
+    pipeline.validate_data_config(_config(tmp_path).data)
+
+  def test_vocab_must_fit_the_model(self, tmp_path):
+    config = _config(tmp_path, tokenizer=_bpe_json(tmp_path, ["<|endoftext|>"]))
+    with pytest.raises(DataError, match="model.vocab_size=259: smaller than the vocabulary"):
+      pipeline.make_train_iterator(config)
+
+  def test_batch_must_split_over_processes(self, tmp_path):
+    with pytest.raises(ValueError, match="train.global_batch_size=16: must be a positive multiple"):
+      pipeline.make_train_iterator(_config(tmp_path), process_index=0, process_count=3)
