@@ -1,0 +1,44 @@
+"""Decoder blocks: the lower (and baseline) block and the upper block with GCA (§2.3, §2.6)."""
+
+import flax.linen as nn
+
+from drt_jax.config import ModelConfig
+from drt_jax.model import layers
+from drt_jax.model.attention import SlidingWindowSelfAttention
+from drt_jax.model.gca import GroupedCrossAttention
+from drt_jax.model.retrieval import Retrieval
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+class DecoderBlock(nn.Module):
+  """x + Attn(norm(x)), then + MLP(norm(x)). float32 [batch, length, d_model] -> same."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    x = x + SlidingWindowSelfAttention(c, name="attn")(layers.RMSNorm(c.rms_eps, name="attn_norm")(x))
+    x = x + layers.SwiGLU(c, name="mlp")(layers.RMSNorm(c.rms_eps, name="mlp_norm")(x))
+    return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+class UpperBlock(nn.Module):
+  """Self-attention, GCA and MLP. float32 [batch, chunks * S, d_model] -> same.
+
+  residual="reference": a = x + Attn; out = a + MLP(norm(a + GCA(a))) (the GCA result only
+  feeds the MLP input, as in the reference code). residual="standard": a' = a + GCA(a);
+  out = a' + MLP(norm(a')).
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, k_mem, v_mem, retrieval: Retrieval):
+    c = self.config
+    a = x + SlidingWindowSelfAttention(c, name="attn")(layers.RMSNorm(c.rms_eps, name="attn_norm")(x))
+    chunked = a.reshape(k_mem.shape[:3] + (c.d_model,))
+    r = GroupedCrossAttention(c, name="gca")(chunked, k_mem, v_mem, retrieval).reshape(a.shape)
+    mixed = a + r
+    base = a if c.residual == "reference" else mixed
+    out = base + layers.SwiGLU(c, name="mlp")(layers.RMSNorm(c.rms_eps, name="mlp_norm")(mixed))
+    return nn.with_logical_constraint(out, ACTIVATION_AXES)

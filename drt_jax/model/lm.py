@@ -1,0 +1,43 @@
+"""Model construction and the language-modelling loss shared by DRT and the baselines (§1.3)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from drt_jax.config import ModelConfig
+from drt_jax.model.baselines import SlidingWindowLM
+from drt_jax.model.drt import DRT
+from drt_jax.model.head import cross_entropy_sum, tied_logits
+
+
+def make_model(config: ModelConfig) -> nn.Module:
+  return DRT(config) if config.arch == "drt" else SlidingWindowLM(config)
+
+
+def init_params(model: nn.Module, rng, batch: int, length: int):
+  """Float32 params (boxed with logical axis names) for inputs of shape [batch, length]."""
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  params_rng, gumbel_rng = jax.random.split(rng)
+  return model.init({"params": params_rng, "gumbel": gumbel_rng}, tokens, train=False)["params"]
+
+
+def loss_terms(model: nn.Module, params, tokens, *, train: bool, rng, target_mask=None):
+  """Summed next-token cross-entropy and the number of scored tokens (float32 scalars).
+
+  tokens: int [batch, T]. Token t predicts token t + 1 (the last token has no target, §1.3);
+  target_mask: optional [batch, T], 1 where token t is a target worth scoring.
+  """
+  hidden = model.apply({"params": params}, tokens, train=train, rngs={"gumbel": rng})
+  mask = jnp.ones(tokens[:, 1:].shape, jnp.float32)
+  if target_mask is not None:
+    mask = mask * target_mask[:, 1:].astype(jnp.float32)
+  embedding = params["embed"]["embedding"]
+  return cross_entropy_sum(hidden[:, :-1], embedding, tokens[:, 1:], mask,
+                           dtype=model.config.compute_dtype)
+
+
+def logits(model: nn.Module, params, tokens, *, train: bool = False, rng=None):
+  """float32 [batch, T, vocab]: row t is the distribution of token t + 1. For evaluation sizes."""
+  rng = jax.random.key(0) if rng is None else rng
+  hidden = model.apply({"params": params}, tokens, train=train, rngs={"gumbel": rng})
+  return tied_logits(hidden, params["embed"]["embedding"], model.config.compute_dtype)

@@ -1,0 +1,165 @@
+"""`python -m drt_jax.train --config configs/<name>.py --workdir DIR [--config.field=value]`.
+
+Parses and validates the config, builds or restores the state, then loops: step, log, eval,
+checkpoint. A second run in the same DIR resumes at the exact next batch.
+"""
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import tqdm
+from absl import app, flags
+from ml_collections import config_flags
+
+from drt_jax import config as config_lib
+from drt_jax import hardware
+from drt_jax import metrics as metrics_lib
+from drt_jax import train_lib
+from drt_jax.data import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, TensorBoard.")
+
+# Sections whose change makes a checkpoint meaningless; train.* may change between restarts.
+_FROZEN_SECTIONS = ("model", "data", "seed")
+
+
+def _check_same_experiment(config, workdir):
+  """Refuses to resume a run folder written by a different model or data config."""
+  path = os.path.join(workdir, "config.json")
+  current = {k: config.to_dict()[k] for k in _FROZEN_SECTIONS}
+  current = json.loads(json.dumps(current))
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    for section in _FROZEN_SECTIONS:
+      if saved.get(section) != current[section]:
+        raise config_lib.ConfigError(
+            f"{workdir} holds a run with a different {section} config ({saved.get(section)} vs "
+            f"{current[section]}); use another --workdir")
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(config.to_dict() | current, f, indent=2, default=str)
+
+
+def _evaluate(trainer, compiled_eval, params, eval_batches):
+  total = count = 0.0
+  for batch in eval_batches:
+    loss_sum, tokens = compiled_eval(params, trainer.global_batch(batch))
+    total, count = total + float(loss_sum), count + float(tokens)
+  loss = total / count
+  return {"eval_loss": loss, "eval_perplexity": float(jax.numpy.exp(loss))}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
+  """Runs (or resumes) training to config.train.num_train_steps; returns the last metrics."""
+  model_config = config_lib.validate(config)
+  pipeline.validate_data_config(config.data)
+  main_process = jax.process_index() == 0
+  _check_same_experiment(config, workdir)
+  trainer = train_lib.Trainer(config, model_config, train_lib.make_mesh(config.mesh))
+  train_iter = pipeline.make_train_iterator(config, process_index=jax.process_index(),
+                                            process_count=jax.process_count())
+  eval_batches = pipeline.make_eval_batches(config, config.train.eval_batches,
+                                            process_index=jax.process_index(),
+                                            process_count=jax.process_count())
+  manager = train_lib.checkpoint_manager(os.path.join(workdir, "checkpoints"),
+                                         config.train.keep_checkpoints)
+  if manager.latest_step() is not None:
+    state = train_lib.restore_checkpoint(manager, trainer.abstract_state, train_iter)
+    print(f"resumed from {workdir} at step {int(state.step)}")
+  else:
+    state = trainer.init_state(config.seed)
+  start = int(state.step)
+  total_steps = config.train.num_train_steps
+
+  batch_spec = {"inputs": jax.ShapeDtypeStruct(
+      (config.train.global_batch_size, config.data.seq_len), jax.numpy.int32,
+      sharding=trainer.batch_sharding)}
+  compiled_step = trainer.compile_train_step(trainer.abstract_state, batch_spec)
+  compiled_eval = trainer.compile_eval_step(trainer.abstract_state.params, batch_spec)
+  if main_process:
+    memory = compiled_step.memory_analysis()
+    if memory is not None:
+      print(f"train step memory per device: arguments {memory.argument_size_in_bytes / 2**20:.1f} "
+            f"MiB, temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB")
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=main_process)
+  tokens_per_step = config.train.global_batch_size * config.data.seq_len
+  flops_per_step = config_lib.flops_per_token(model_config, config.data.seq_len) * tokens_per_step
+  peak = hardware.peak_flops()
+  bar = tqdm.tqdm(total=total_steps, initial=start, disable=not (progress and main_process),
+                  unit="step", dynamic_ncols=True)
+  last = {}
+  pending = None  # metrics of the step before, logged one step late so the host never waits
+  interval_start, interval_steps = time.perf_counter(), 0
+  try:
+    for step in range(start, total_steps):
+      batch = trainer.global_batch(next(train_iter))
+      state, step_metrics = compiled_step(state, batch)
+      if pending is not None:
+        last = _log_step(writer, bar, *pending)
+      interval_steps += 1
+      if (step + 1) % config.train.log_every == 0 or step + 1 == total_steps:
+        jax.block_until_ready(step_metrics)
+        elapsed = (time.perf_counter() - interval_start) / interval_steps
+        timing = {"step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed}
+        if peak is not None:
+          timing["mfu"] = flops_per_step / elapsed / (peak * jax.device_count())
+        pending = (step + 1, step_metrics, timing)
+        interval_start, interval_steps = time.perf_counter(), 0
+      else:
+        pending = None
+      bar.update(1)
+      if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == total_steps:
+        train_lib.save_checkpoint(manager, state, train_iter)
+      if (step + 1) % config.train.eval_every == 0 or step + 1 == total_steps:
+        if pending is not None:
+          last, pending = _log_step(writer, bar, *pending), None
+        eval_metrics = _evaluate(trainer, compiled_eval, state.params, eval_batches)
+        writer.write(step + 1, eval_metrics)
+        last = {**last, **eval_metrics}
+        bar.write(f"step {step + 1}: eval_loss {eval_metrics['eval_loss']:.4f}")
+  except KeyboardInterrupt:
+    bar.write(f"interrupted: saving step {int(state.step)} before exiting")
+    train_lib.save_checkpoint(manager, state, train_iter)
+    raise
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    bar.close()
+  if start >= total_steps:
+    print(f"{workdir} is already at step {start} = train.num_train_steps; nothing to do "
+          f"(raise --config.train.num_train_steps to continue)")
+  return last
+
+
+def _log_step(writer, bar, step, step_metrics, timing):
+  values = {name: float(value) for name, value in step_metrics.items() if name != "tokens"}
+  values["perplexity"] = float(jax.numpy.exp(values["loss"]))
+  values.update(timing)
+  writer.write(step, values)
+  bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+  return values
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  try:
+    train(_CONFIG.value, _WORKDIR.value)
+  except (config_lib.ConfigError, pipeline.DataError) as error:
+    raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,204 @@
+"""Everything the training loop needs, importable and testable: mesh, sharded state, optimizer,
+the jitted train/eval steps and checkpointing (params, optimizer and data iterator together)."""
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from drt_jax.config import ConfigError, ModelConfig
+from drt_jax.model import lm
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any
+  opt_state: Any
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh; an axis of -1 takes the devices the others leave."""
+  devices = jax.devices() if devices is None else devices
+  sizes = {axis: mesh_config[axis] for axis in MESH_AXES}
+  fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+  for axis, size in sizes.items():
+    if size == -1:
+      if len(devices) % fixed:
+        raise ConfigError(f"mesh.{axis}=-1: {len(devices)} devices are not divisible by the other "
+                          f"axes' product {fixed}")
+      sizes[axis] = len(devices) // fixed
+  if int(np.prod(list(sizes.values()))) != len(devices):
+    raise ConfigError(f"mesh={sizes}: product must equal the {len(devices)} available devices")
+  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def check_batch_divisibility(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = config.train.global_batch_size // config.train.grad_accum_steps
+  if micro % shards:
+    raise ConfigError(f"train.global_batch_size={config.train.global_batch_size}: each of the "
+                      f"{config.train.grad_accum_steps} micro-batches ({micro} sequences) must "
+                      f"split evenly over the {shards} data-parallel shards of the mesh")
+
+
+def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up from 0, then half-cosine down to lr_floor * peak at num_train_steps (§6)."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
+      decay_steps=max(train.num_train_steps, train.warmup_steps + 1),
+      end_value=train.learning_rate * train.lr_floor)
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW with decoupled decay on every parameter and global-norm clipping (§6). Like the
+  reference's GradScaler, a step whose gradients are not finite is skipped."""
+  parts = [optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip > 0 else []
+  parts.append(optax.adamw(learning_rate_schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
+                           weight_decay=train.weight_decay))
+  return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=1_000_000)
+
+
+@dataclasses.dataclass
+class Trainer:
+  """The model, mesh, optimizer and compiled steps of one experiment."""
+  config: ml_collections.ConfigDict
+  model_config: ModelConfig
+  mesh: jax.sharding.Mesh
+
+  def __post_init__(self):
+    check_batch_divisibility(self.config, self.mesh)
+    self.model = lm.make_model(self.model_config)
+    self.optimizer = make_optimizer(self.config.train)
+    self.rules = tuple(self.config.logical_axis_rules)
+    self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+    self.replicated = NamedSharding(self.mesh, P())
+    abstract = jax.eval_shape(self._boxed_state, jax.random.key(0))
+    self.state_shardings = nn.logical_to_mesh_sharding(
+        nn.get_partition_spec(abstract), self.mesh, self.rules)
+    self.abstract_state = jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        nn.meta.unbox(abstract), self.state_shardings)
+
+  def _boxed_state(self, rng):
+    params = lm.init_params(self.model, rng, 1, self.config.data.seq_len)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.optimizer.init(params))
+
+  def _context(self):
+    return _MeshContext(self.mesh, self.rules)
+
+  def init_state(self, seed: int) -> TrainState:
+    with self._context():
+      init = jax.jit(lambda rng: nn.meta.unbox(self._boxed_state(rng)),
+                     out_shardings=self.state_shardings)
+      return init(jax.random.key(seed))
+
+  def global_batch(self, local_batch: dict) -> dict:
+    """Host-local numpy batch rows -> global arrays sharded over the data axes."""
+    return {name: jax.make_array_from_process_local_data(self.batch_sharding, value)
+            for name, value in local_batch.items()}
+
+  def _loss(self, params, batch, rng, train):
+    return lm.loss_terms(self.model, params, batch["inputs"], train=train, rng=rng,
+                         target_mask=batch.get("target_mask"))
+
+  def _train_step(self, state: TrainState, batch: dict):
+    accum = self.config.train.grad_accum_steps
+    step_rng = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
+
+    def micro_grads(i, micro_batch):
+      def loss_fn(params):
+        total, count = self._loss(params, micro_batch, jax.random.fold_in(step_rng, i), True)
+        return total, count
+      (total, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      return total, count, grads
+
+    micro = jax.tree.map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
+    if accum == 1:
+      total, count, grads = micro_grads(0, jax.tree.map(lambda x: x[0], micro))
+    else:
+      def body(carry, inputs):
+        i, micro_batch = inputs
+        t, c, g = micro_grads(i, micro_batch)
+        return jax.tree.map(jnp.add, carry, (t, c, g)), None
+      zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+               jax.tree.map(jnp.zeros_like, state.params))
+      (total, count, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+    # Sum of per-token gradients / all scored tokens: a token-weighted mean like the reference.
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": total / count, "grad_norm": optax.global_norm(grads),
+               "learning_rate": learning_rate_schedule(self.config.train)(state.step),
+               "tokens": count}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def compile_train_step(self, state: TrainState, batch: dict):
+    """AOT-compiled step (state donated); returns the compiled callable."""
+    with self._context():
+      step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                     out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+      return step.lower(state, batch).compile()
+
+  def compile_eval_step(self, params, batch: dict):
+    """AOT-compiled eval: (params, batch) -> (summed loss, scored tokens), no Gumbel noise."""
+    eval_rng = jax.random.key(self.config.seed + 1)  # used only by retrieval="random"
+    with self._context():
+      step = jax.jit(lambda p, b: self._loss(p, b, eval_rng, False),
+                     in_shardings=(self.state_shardings.params, self.batch_sharding),
+                     out_shardings=self.replicated)
+      return step.lower(params, batch).compile()
+
+
+class _MeshContext:
+  """Mesh and logical axis rules active while tracing (activation sharding constraints)."""
+
+  def __init__(self, mesh, rules):
+    self.mesh, self.rules = mesh, rules
+
+  def __enter__(self):
+    self._mesh_ctx = jax.set_mesh(self.mesh)
+    self._rules_ctx = nn.logical_axis_rules(self.rules)
+    self._mesh_ctx.__enter__()
+    self._rules_ctx.__enter__()
+
+  def __exit__(self, *exc):
+    self._rules_ctx.__exit__(*exc)
+    self._mesh_ctx.__exit__(*exc)
+
+
+def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  """Async, keep-N manager. Orbax writes each step into a temporary folder and renames it when
+  complete, so a run killed mid-save leaves no checkpoint that restores wrong."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_iterator):
+  manager.save(int(state.step), args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, data_iterator, step=None):
+  """Restores state (with the abstract state's shardings) and rewinds the iterator in place."""
+  step = manager.latest_step() if step is None else step
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(data_iterator)))
+  return restored.state
