@@ -22,7 +22,7 @@ def get_config():
 
   train = config.train
   train.global_batch_size = 16
-  train.num_train_steps = 400
+  train.num_train_steps = 300
   train.learning_rate = 3e-3
   train.warmup_steps = 40
   train.lr_floor = 0.1

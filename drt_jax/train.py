@@ -11,7 +11,7 @@ import time
 import jax
 import ml_collections
 import tqdm
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from drt_jax import config as config_lib
@@ -23,6 +23,9 @@ from drt_jax.data import pipeline
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, TensorBoard.")
+_STEPS_THIS_RUN = flags.DEFINE_integer(
+    "steps_this_run", None, "Stop (with a checkpoint) after this many steps; a later run resumes. "
+    "For jobs with a wall-clock limit.")
 
 # Sections whose change makes a checkpoint meaningless; train.* may change between restarts.
 _FROZEN_SECTIONS = ("model", "data", "seed")
@@ -56,8 +59,10 @@ def _evaluate(trainer, compiled_eval, params, eval_batches):
   return {"eval_loss": loss, "eval_perplexity": float(jax.numpy.exp(loss))}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
-  """Runs (or resumes) training to config.train.num_train_steps; returns the last metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+          steps_this_run: int | None = None) -> dict:
+  """Runs (or resumes) training to config.train.num_train_steps, or for `steps_this_run` steps;
+  returns the metrics logged last."""
   model_config = config_lib.validate(config)
   pipeline.validate_data_config(config.data)
   main_process = jax.process_index() == 0
@@ -77,6 +82,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     state = trainer.init_state(config.seed)
   start = int(state.step)
   total_steps = config.train.num_train_steps
+  if start >= total_steps:
+    print(f"{workdir} is already at step {start} >= train.num_train_steps={total_steps}; nothing "
+          "to do (raise --config.train.num_train_steps to continue)")
+    manager.close()
+    return {}
+  stop = total_steps if steps_this_run is None else min(total_steps, start + steps_this_run)
 
   batch_spec = {"inputs": jax.ShapeDtypeStruct(
       (config.train.global_batch_size, config.data.seq_len), jax.numpy.int32,
@@ -99,13 +110,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   pending = None  # metrics of the step before, logged one step late so the host never waits
   interval_start, interval_steps = time.perf_counter(), 0
   try:
-    for step in range(start, total_steps):
+    for step in range(start, stop):
       batch = trainer.global_batch(next(train_iter))
       state, step_metrics = compiled_step(state, batch)
       if pending is not None:
         last = _log_step(writer, bar, *pending)
       interval_steps += 1
-      if (step + 1) % config.train.log_every == 0 or step + 1 == total_steps:
+      if (step + 1) % config.train.log_every == 0 or step + 1 == stop:
         jax.block_until_ready(step_metrics)
         elapsed = (time.perf_counter() - interval_start) / interval_steps
         timing = {"step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed}
@@ -116,9 +127,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       else:
         pending = None
       bar.update(1)
-      if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == total_steps:
+      if (step + 1) % config.train.checkpoint_every == 0 or step + 1 == stop:
         train_lib.save_checkpoint(manager, state, train_iter)
-      if (step + 1) % config.train.eval_every == 0 or step + 1 == total_steps:
+      if (step + 1) % config.train.eval_every == 0 or step + 1 == stop:
         if pending is not None:
           last, pending = _log_step(writer, bar, *pending), None
         eval_metrics = _evaluate(trainer, compiled_eval, state.params, eval_batches)
@@ -134,9 +145,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     manager.close()
     writer.close()
     bar.close()
-  if start >= total_steps:
-    print(f"{workdir} is already at step {start} = train.num_train_steps; nothing to do "
-          f"(raise --config.train.num_train_steps to continue)")
   return last
 
 
@@ -154,8 +162,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
   try:
-    train(_CONFIG.value, _WORKDIR.value)
+    train(_CONFIG.value, _WORKDIR.value, steps_this_run=_STEPS_THIS_RUN.value)
   except (config_lib.ConfigError, pipeline.DataError) as error:
     raise SystemExit(f"error: {error}") from None
 

@@ -143,7 +143,7 @@ class Trainer:
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": total / count, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads),
                "learning_rate": learning_rate_schedule(self.config.train)(state.step),
                "tokens": count}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -31,11 +31,30 @@ class RMSNorm(nn.Module):
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * scale
 
 
+class Projection(nn.Module):
+  """Bias-free linear map contracting the last `in_axes` input axes, in the compute dtype.
+
+  The kernel is stored in its full shape (e.g. [d_model, heads, head_dim]) so every axis carries
+  its own logical name. [..., *in] -> [..., *features].
+  """
+  config: ModelConfig
+  features: tuple[int, ...]
+  axes: tuple[str, ...]
+  in_axes: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[x.ndim - self.in_axes:]
+    kernel = self.param("kernel", normal_init(self.config, self.axes),
+                        tuple(in_shape) + tuple(self.features), jnp.float32)
+    dtype = self.config.compute_dtype
+    contract = tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes))
+    return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
+
+
 def dense(config: ModelConfig, features, axes: tuple[str, ...], name: str, in_axes: int = 1):
-  """Bias-free projection over the last `in_axes` input axes in the compute dtype."""
-  return nn.DenseGeneral(features, axis=tuple(range(-in_axes, 0)), use_bias=False,
-                         dtype=config.compute_dtype, param_dtype=jnp.float32,
-                         kernel_init=normal_init(config, axes), name=name)
+  features = (features,) if isinstance(features, int) else tuple(features)
+  return Projection(config, features, axes, in_axes, name=name)
 
 
 class SwiGLU(nn.Module):
