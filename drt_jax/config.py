@@ -201,3 +201,40 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     forward += upper * gca + encoder + 2 * 2 * d * d
   forward = forward * positions_per_token + 2 * d * model.vocab_size
   return 3.0 * forward
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Imports a configs/*.py file (as `--config` would) and returns its get_config()."""
+  import importlib.util
+  import os
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if repo not in sys.path:
+    sys.path.insert(0, repo)
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  if spec is None or not os.path.exists(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def apply_override(config: ml_collections.ConfigDict, assignment: str):
+  """Applies "section.field=value" (value parsed as a Python literal, else kept as a string)."""
+  import ast
+
+  name, _, text = assignment.partition("=")
+  if not _:
+    raise ConfigError(f"override {assignment!r}: expected field=value")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  *sections, field = name.split(".")
+  node = config
+  for section in sections:
+    node = node[section]
+  if field not in node:
+    raise ConfigError(f"override {assignment!r}: {name} is not a config field")
+  node[field] = value

@@ -2,32 +2,64 @@
 sliding-window self-attention layer built on it (§2.3).
 
 "xla" runs the plain-JAX references of kernels_pallas (blockwise, O(T*W) memory); "pallas" runs
-the Pallas GPU kernels with the same signatures.
+the Pallas GPU kernels with the same signatures (in interpret mode when there is no GPU). XLA
+cannot partition a pallas_call, so under a multi-device mesh the kernels run per batch shard
+inside `jax.shard_map`.
 """
 
+import functools
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from drt_jax.config import ModelConfig
 from drt_jax.model import layers
 from kernels_pallas import gca as gca_ops
 from kernels_pallas import sliding_window as sliding_window_ops
 
+BATCH_AXES = ("data", "fsdp")
+
+
+def _per_batch_shard(kernel, batched_args, shared_args=()):
+  """Runs kernel(*batched_args, *shared_args) on each batch shard of the ambient mesh.
+
+  batched_args lead with the batch axis (split over BATCH_AXES); shared_args are replicated.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or all(mesh.shape.get(axis, 1) == 1 for axis in BATCH_AXES):
+    return kernel(*batched_args, *shared_args)
+  axes = tuple(axis for axis in BATCH_AXES if axis in mesh.shape)
+  in_specs = (P(axes),) * len(batched_args) + (P(),) * len(shared_args)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=P(axes),
+                       check_vma=False)(*batched_args, *shared_args)
+
+
+def _interpret() -> bool:
+  return jax.default_backend() != "gpu"
+
 
 def sliding_window(q, k, v, slopes, *, window: int, scale: float, impl: str):
   """Causal sliding-window attention. q [b, t, heads, d], k/v [b, t, kv_heads, d] -> like q."""
-  if impl == "pallas":
-    return sliding_window_ops.sliding_window_attention(q, k, v, slopes, window=window, scale=scale)
-  return sliding_window_ops.sliding_window_reference(q, k, v, slopes, window=window, scale=scale)
+  if impl != "pallas":
+    return sliding_window_ops.sliding_window_reference(q, k, v, slopes, window=window, scale=scale)
+  kernel = functools.partial(sliding_window_ops.sliding_window_attention, window=window,
+                             scale=scale, interpret=_interpret())
+  if slopes is None:
+    return _per_batch_shard(kernel, (q, k, v))
+  return _per_batch_shard(kernel, (q, k, v), (slopes,))
 
 
 def grouped_cross_attention(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int,
                             softmax_off_by_one: bool, impl: str):
   """GCA (kernels_pallas/gca.py). q [b, n, s, heads, d], k/v_mem [b, m, t, kv_heads, d],
   indices/weights [b, n, k] -> [b, n, s, heads, d]."""
-  op = gca_ops.gca if impl == "pallas" else gca_ops.gca_reference
-  return op(q, k_mem, v_mem, indices, weights, scale=scale, num_keys=num_keys,
-            softmax_off_by_one=softmax_off_by_one)
+  settings = dict(scale=scale, num_keys=num_keys, softmax_off_by_one=softmax_off_by_one)
+  if impl != "pallas":
+    return gca_ops.gca_reference(q, k_mem, v_mem, indices, weights, **settings)
+  kernel = functools.partial(gca_ops.gca, interpret=_interpret(), **settings)
+  return _per_batch_shard(kernel, (q, k_mem, v_mem, indices, weights))
 
 
 class SlidingWindowSelfAttention(nn.Module):
