@@ -1,0 +1,220 @@
+"""Sliding-window attention (W=512, ALiBi) on the GPU: Pallas kernel vs cuDNN vs the plain-JAX reference.
+
+`python3 bench/sliding_window.py --out FILE.json [--sweep]` on the device. One run checks every
+variant against the float32 reference (highest-precision matmuls) on fresh random bf16 inputs, then
+times forward and forward+backward (per-call median over --reps groups of back-to-back calls, each
+group synchronised, after warm-up) and prints a table last. --sweep first times each kernel over candidate tile sizes and uses the fastest
+of each kernel for the end-to-end rows.
+
+FLOPs count only visible (query, key) pairs: 4 * head_dim per pair forward (QK^T and PV), 2.5x
+that backward (5 matmuls, with the QK^T recomputation), so forward+backward = 3.5x forward.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402  (after sys.path)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kernels_pallas import sliding_window as sw  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+
+# Candidate tiles per kernel: (queries, keys, warps, stages); for dK/dV (keys per program, queries).
+FWD_CANDIDATES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 4, 3),
+                  (128, 64, 8, 3), (64, 128, 4, 3)]
+DKV_CANDIDATES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3),
+                  (32, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)]
+DQ_CANDIDATES = [(64, 32, 4, 2), (64, 32, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3), (128, 32, 8, 3),
+                 (64, 64, 4, 3), (128, 64, 8, 3)]
+
+
+def visible_pairs(length: int, window: int) -> int:
+  i = np.arange(length)
+  return int(np.sum(np.minimum(i, window) + 1))
+
+
+def rel_err(x, ref) -> float:
+  x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
+  return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
+
+
+def time_fn(fn, *args, reps: int, calls: int = 10, warmup: int = 3) -> dict:
+  """Milliseconds per call: median/min/max over `reps` groups of `calls` back-to-back calls, each
+  group ended by a device sync, after compile and warm-up (launch latency stays out of the figure)."""
+  for _ in range(1 + warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) * 1e3 / calls)
+  return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+          "reps": reps, "calls_per_rep": calls}
+
+
+def fwd_and_train(attn):
+  """jitted forward, and forward+backward returning (dq, dk, dv) for a given output cotangent."""
+  def train(q, k, v, do):
+    _, vjp = jax.vjp(attn, q, k, v)
+    return vjp(do)
+  return jax.jit(attn), jax.jit(train)
+
+
+def sweep(q, k, v, slopes, do, want, *, window, scale, reps, interpret):
+  """Checks and times each kernel alone over its candidates; returns rows and the best sizes."""
+  static = dict(window=window, scale=scale, alibi=True, interpret=interpret)
+  base = sw.SlidingWindowBlockSizes(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
+                                    block_q_dq=128, block_k_dq=128)
+  # Candidate tiles are <= 128 and 16640 = 130 * 128: the kernels run on the unpadded inputs.
+  _, lse = sw._forward(q, k, v, slopes, block_sizes=base, **static)
+  delta = jnp.einsum("bthd,bthd->bht", want["out"].astype(jnp.float32), do.astype(jnp.float32))
+  bwd_args = (q, k, v, slopes, do, lse, delta)
+  kernels = [
+      ("fwd", sw._forward, (q, k, v, slopes), FWD_CANDIDATES,
+       ("block_q", "block_k", "num_warps", "num_stages"), ("out",)),
+      ("dkv", sw._dkv, bwd_args, DKV_CANDIDATES,
+       ("block_k_dkv", "block_q_dkv", "num_warps_dkv", "num_stages_dkv"), ("dk", "dv")),
+      ("dq", sw._dq, bwd_args, DQ_CANDIDATES,
+       ("block_q_dq", "block_k_dq", "num_warps_dq", "num_stages_dq"), ("dq",)),
+  ]
+  rows, best = [], {}
+  for name, kernel, kernel_args, candidates, fields, outputs in kernels:
+    for cand in candidates:
+      tiles = dict(zip(fields, cand))
+      fn = functools.partial(kernel, block_sizes=dataclasses.replace(base, **tiles), **static)
+      row = {"kernel": name, "tiles": tiles}
+      try:
+        got = fn(*kernel_args)
+        got = (got,) if name == "dq" else got
+        row["rel_err"] = {o: rel_err(g, want[o]) for o, g in zip(outputs, got)}
+        row.update(time_fn(fn, *kernel_args, reps=reps))
+      except Exception as e:  # a candidate that fails to compile (e.g. shared memory) is recorded
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      rows.append(row)
+      ok = "error" not in row and max(row["rel_err"].values()) < 1e-2
+      if ok and (name not in best or row["median_ms"] < best[name]["median_ms"]):
+        best[name] = row
+      print(f"sweep {name} {cand}: {row.get('median_ms', row.get('error'))} "
+            f"{row.get('rel_err', '')}", flush=True)
+  chosen = dataclasses.replace(base, **{f: x for r in best.values() for f, x in r["tiles"].items()})
+  return rows, chosen
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--length", type=int, default=16640)
+  parser.add_argument("--heads", type=int, default=12)
+  parser.add_argument("--head-dim", type=int, default=64)
+  parser.add_argument("--window", type=int, default=512)
+  parser.add_argument("--reps", type=int, default=30)
+  parser.add_argument("--sweep", action="store_true")
+  parser.add_argument("--interpret", action="store_true",
+                      help="Pallas interpreter: a CPU smoke test of this script at small shapes")
+  args = parser.parse_args()
+
+  device = jax.devices()[0]
+  shape = (args.batch, args.length, args.heads, args.head_dim)
+  scale = args.head_dim ** -0.5
+  window = args.window
+  keys = jax.random.split(jax.random.PRNGKey(int(time.time())), 4)
+  q, k, v, do = (jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16) for key in keys)
+  slopes = jnp.asarray(sw.alibi_slopes(args.heads), jnp.float32)
+
+  # Oracle: the reference on the same bf16 values upcast to f32, with f32 (not TF32) matmuls.
+  def reference_f32(slopes):
+    ref = lambda q, k, v: sw.sliding_window_reference(q, k, v, slopes, window=window, scale=scale)
+    with jax.default_matmul_precision("highest"):
+      f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+      out, vjp = jax.vjp(ref, *f32[:3])
+      dq, dk, dv = vjp(f32[3])
+    return {"out": out, "dq": dq, "dk": dk, "dv": dv}
+
+  want = reference_f32(slopes)
+  result = {"date": datetime.date.today().isoformat(), "device": device.device_kind,
+            "compute_capability": getattr(device, "compute_capability", None),
+            "jax": jax.__version__, "shape": list(shape), "window": window, "dtype": "bfloat16",
+            "command": " ".join(["python3"] + sys.argv)}
+  if args.sweep:
+    result["sweep"], block_sizes = sweep(q, k, v, slopes, do, want, window=window, scale=scale,
+                                         reps=args.reps, interpret=args.interpret)
+  else:
+    block_sizes = sw.SlidingWindowBlockSizes.for_device()
+  result["block_sizes"] = dataclasses.asdict(block_sizes)
+
+  impls = {
+      "pallas_alibi": lambda q, k, v: sw.sliding_window_attention(
+          q, k, v, slopes, window=window, scale=scale, block_sizes=block_sizes,
+          interpret=args.interpret),
+      "pallas_no_alibi": lambda q, k, v: sw.sliding_window_attention(
+          q, k, v, window=window, scale=scale, block_sizes=block_sizes, interpret=args.interpret),
+      "cudnn_no_alibi": lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, scale=scale, is_causal=True, local_window_size=(window, 0),
+          implementation="cudnn"),
+      "reference_alibi": lambda q, k, v: sw.sliding_window_reference(
+          q, k, v, slopes, window=window, scale=scale),
+  }
+  want_no_alibi = reference_f32(None)
+  fwd_flops = 4 * args.batch * args.heads * args.head_dim * visible_pairs(args.length, window)
+  rows = {}
+  for name, attn in impls.items():
+    row = {}
+    try:
+      fwd, train = fwd_and_train(attn)
+      oracle = want_no_alibi if "no_alibi" in name else want
+      out = fwd(q, k, v)
+      grads = train(q, k, v, do)
+      row["rel_err"] = {"out": rel_err(out, oracle["out"]),
+                        **{n: rel_err(g, oracle[n]) for n, g in zip(("dq", "dk", "dv"), grads)}}
+      row["finite"] = bool(all(jnp.isfinite(x).all() for x in (out, *grads)))
+      calls = 2 if name.startswith("reference") else 10
+      row["fwd"] = time_fn(fwd, q, k, v, reps=args.reps, calls=calls)
+      row["fwd_bwd"] = time_fn(train, q, k, v, do, reps=args.reps, calls=calls)
+      row["fwd"]["tflops"] = fwd_flops / row["fwd"]["median_ms"] / 1e9
+      row["fwd_bwd"]["tflops"] = 3.5 * fwd_flops / row["fwd_bwd"]["median_ms"] / 1e9
+    except Exception as e:
+      row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+    rows[name] = row
+    print(name, json.dumps(row), flush=True)
+  result["impls"] = rows
+  mine = rows["pallas_alibi"]
+  ratios = {}
+  for other in ("cudnn_no_alibi", "reference_alibi"):
+    if "fwd" in mine and "fwd" in rows[other]:
+      for phase in ("fwd", "fwd_bwd"):
+        ratios[f"{phase}_pallas_over_{other}"] = (mine[phase]["median_ms"]
+                                                  / rows[other][phase]["median_ms"])
+  result["ratios"] = ratios
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+
+  print(f"\n{device.device_kind}  shape {shape}  W={window}  bf16  block_sizes {block_sizes}")
+  print(f"{'impl':18s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'f+b ms':>8s} {'TFLOP/s':>8s}  max rel err")
+  for name, row in rows.items():
+    if "error" in row:
+      print(f"{name:18s} ERROR {row['error'][:200]}")
+      continue
+    print(f"{name:18s} {row['fwd']['median_ms']:8.3f} {row['fwd']['tflops']:8.1f} "
+          f"{row['fwd_bwd']['median_ms']:8.3f} {row['fwd_bwd']['tflops']:8.1f}  "
+          f"{max(row['rel_err'].values()):.2e}")
+  for name, ratio in ratios.items():
+    print(f"{name}: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+  main()
