@@ -1,6 +1,5 @@
 """Training end to end on CPU: learning, resumption, sharding equivalence, bad input."""
 
-import json
 import os
 import subprocess
 import sys
@@ -49,18 +48,27 @@ def test_loss_falls_on_tiny(tmp_path):
   assert "150" in os.listdir(tmp_path / "checkpoints")
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """A 20-step run without interruption: the curve the other runs must reproduce."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  train_main.train(_short_run_config(steps=20), workdir, progress=False)
+  return dict(_train_losses(workdir))
+
+
+def _assert_same_curve(got, expected, steps):
+  assert sorted(got) == steps, sorted(got)
+  for step in steps:
+    np.testing.assert_allclose(got[step], expected[step], rtol=1e-5, err_msg=f"step {step}")
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, straight_run):
   config = _short_run_config(steps=20)
-  train_main.train(config, str(tmp_path / "straight"), progress=False)
   interrupted = str(tmp_path / "interrupted")
   train_main.train(config, interrupted, progress=False, steps_this_run=10)
   assert _train_losses(interrupted)[-1][0] == 10
   train_main.train(config, interrupted, progress=False)
-  straight = dict(_train_losses(str(tmp_path / "straight")))
-  resumed = dict(_train_losses(interrupted))
-  assert sorted(straight) == sorted(resumed) == [5, 10, 15, 20]
-  for step in straight:
-    np.testing.assert_allclose(resumed[step], straight[step], rtol=1e-6, err_msg=f"step {step}")
+  _assert_same_curve(dict(_train_losses(interrupted)), straight_run, [5, 10, 15, 20])
 
 
 def test_a_partial_checkpoint_is_never_restored(tmp_path):
@@ -76,31 +84,26 @@ def test_a_partial_checkpoint_is_never_restored(tmp_path):
 
 
 _SHARDED_SCRIPT = """
-import json, sys
+import sys
 sys.path.insert(0, {repo!r})
 import jax
-from drt_jax import train as train_main, metrics as metrics_lib
+from drt_jax import train as train_main
 from tests.test_train import _short_run_config
 assert jax.device_count() == 8, jax.devices()
-config = _short_run_config(steps=10)
+config = _short_run_config(steps=20)
 config.mesh.data, config.mesh.fsdp = {data}, {fsdp}
-train_main.train(config, {workdir!r}, progress=False)
+train_main.train(config, {workdir!r}, progress=False, steps_this_run=10)
 """
 
 
 @pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2)])
-def test_eight_fake_devices_match_one_device(tmp_path, data, fsdp):
-  single = str(tmp_path / "single")
-  train_main.train(_short_run_config(steps=10), single, progress=False)
+def test_eight_fake_devices_match_one_device(tmp_path, straight_run, data, fsdp):
   sharded = str(tmp_path / "sharded")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   script = _SHARDED_SCRIPT.format(repo=REPO, data=data, fsdp=fsdp, workdir=sharded)
   subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=REPO, timeout=600)
-  expected, got = dict(_train_losses(single)), dict(_train_losses(sharded))
-  assert sorted(expected) == sorted(got)
-  for step in expected:
-    np.testing.assert_allclose(got[step], expected[step], rtol=1e-5, err_msg=f"step {step}")
+  _assert_same_curve(dict(_train_losses(sharded)), straight_run, [5, 10])
 
 
 @pytest.mark.parametrize("field,value,needle", [
