@@ -1,10 +1,10 @@
-"""Sliding-window attention (W=512, ALiBi) on the GPU: Pallas kernel vs cuDNN vs the plain-JAX reference.
+"""Sliding-window attention (W=512, ALiBi) on the GPU: Pallas vs cuDNN vs the plain-JAX reference.
 
 `python3 bench/sliding_window.py --out FILE.json [--sweep]` on the device. One run checks every
 variant against the float32 reference (highest-precision matmuls) on fresh random bf16 inputs, then
 times forward and forward+backward (per-call median over --reps groups of back-to-back calls, each
-group synchronised, after warm-up) and prints a table last. --sweep first times each kernel over candidate tile sizes and uses the fastest
-of each kernel for the end-to-end rows.
+group synchronised, after warm-up) and prints a table last. --sweep first times each kernel alone
+over candidate tile sizes and uses the fastest of each kernel for the end-to-end rows.
 
 FLOPs count only visible (query, key) pairs: 4 * head_dim per pair forward (QK^T and PV), 2.5x
 that backward (5 matmuls, with the QK^T recomputation), so forward+backward = 3.5x forward.
@@ -52,7 +52,7 @@ def rel_err(x, ref) -> float:
 
 def time_fn(fn, *args, reps: int, calls: int = 10, warmup: int = 3) -> dict:
   """Milliseconds per call: median/min/max over `reps` groups of `calls` back-to-back calls, each
-  group ended by a device sync, after compile and warm-up (launch latency stays out of the figure)."""
+  group ended by a device sync, after compile and warm-up (keeps launch latency out)."""
   for _ in range(1 + warmup):
     jax.block_until_ready(fn(*args))
   times = []

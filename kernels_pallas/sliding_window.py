@@ -5,11 +5,11 @@ biased by -slope_h * (i - j) when ALiBi slopes are given.
 Shapes: q [batch, length, heads, head_dim], k/v [batch, length, kv_heads, head_dim]; heads is a
 multiple of kv_heads (grouped-query attention: query head n uses kv head n // (heads // kv_heads)).
 
-The kernels (Triton lowering, A100 and H100) follow FlashAttention-2 with the key loop bounded by the
-window, so time is O(length * window): the forward saves the base-2 log-sum-exp, the backward runs
-delta = rowsum(o * do), then a dK/dV kernel (key block fixed, loop over the query blocks that see it)
-and a dQ kernel (query block fixed, loop over its key blocks). Each loop is split in three ranges so
-that only the tiles cut by the causal edge or the window edge pay for the mask.
+The kernels (Triton lowering, A100 and H100) follow FlashAttention-2 with the key loop bounded by
+the window, so time is O(length * window): the forward saves the base-2 log-sum-exp, the backward
+runs delta = rowsum(o * do), then a dK/dV kernel (key block fixed, loop over the query blocks that
+see it) and a dQ kernel (query block fixed, loop over its key blocks). Each loop is split in three
+ranges so that only the tiles cut by the causal edge or the window edge pay for the mask.
 """
 
 import dataclasses
@@ -100,7 +100,7 @@ def sliding_window_reference(q, k, v, slopes=None, *, window: int, scale: float,
 
 _LOG2E = math.log2(math.e)
 # Finite, so that a tile row with no visible key gives exp2(0) = 1 instead of inf - inf = NaN; the
-# online softmax wipes that 1 out (factor exp2(_MASK_VALUE - real max) = 0) once a visible key comes.
+# online softmax wipes that 1 out (factor exp2(_MASK_VALUE - real max) = 0) at the first visible key.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
@@ -110,11 +110,11 @@ def _is_power_of_two(n: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class SlidingWindowBlockSizes:
-  """Tile sizes and Triton launch settings of the three kernels (and of the decode kernel's cache tile).
+  """Tile sizes and Triton launch settings of the three kernels (block_k is also the decode tile).
 
   forward: block_q queries per program, block_k keys per loop step; dK/dV: block_k_dkv keys per
-  program, block_q_dkv queries per loop step; dQ: block_q_dq queries per program, block_k_dq keys per
-  loop step. Every block is a power of two >= 16 (Triton tiles and tensor-core dot shapes).
+  program, block_q_dkv queries per loop step; dQ: block_q_dq queries per program, block_k_dq keys
+  per loop step. Every block is a power of two >= 16 (Triton tiles and tensor-core dot shapes).
   """
   block_q: int = 64
   block_k: int = 64
@@ -156,11 +156,13 @@ class SlidingWindowBlockSizes:
     return _TUNED_BLOCK_SIZES.get(major, cls())
 
 
-# Keyed on compute capability major. 8 (A100) stays within 164 KB of shared memory per block with
-# bf16 or f32 tiles at head_dim 128; 9 (H100) was timed in bench/sliding_window.py.
+# Keyed on compute capability major. 9 (H100): the fastest tiles of each kernel in the sweep of
+# bench/sliding_window.py --sweep (docs/benchmarks.md), bf16, head_dim 64. 8 (A100): not measured;
+# the defaults, whose bf16 tiles (2 pipeline stages) come to about 100 KB of shared memory per block
+# at head_dim 128 by our count, under the A100's 164 KB.
 _TUNED_BLOCK_SIZES = {
     "8": SlidingWindowBlockSizes(),
-    "9": SlidingWindowBlockSizes(),
+    "9": SlidingWindowBlockSizes(num_stages_dkv=3, block_k_dq=32, num_stages_dq=3),
 }
 
 
@@ -226,7 +228,7 @@ def _three_range_loop(body, bounds, carry):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, lse_ref, *, scale, window, block_k, alibi):
-  """One query block [block_q, head_dim] against its window of keys k_ref/v_ref [length, head_dim]."""
+  """One query block [block_q, head_dim] against its window of k_ref/v_ref [length, head_dim]."""
   block_q = q_ref.shape[0]
   q0 = pl.program_id(0) * block_q
   q = q_ref[...]

@@ -1,4 +1,4 @@
-"""Pallas sliding-window attention (kernels_pallas/sliding_window.py) against its plain-JAX reference.
+"""Pallas sliding-window attention (kernels_pallas/sliding_window.py) against its JAX reference.
 
 CPU: interpret mode, float32, small shapes (rel err < 1e-5, forward and gradients). GPU (`-m gpu`):
 the bench shape in bf16 (rel err < 1e-2) and one 65536-position sequence.
