@@ -36,6 +36,7 @@ def loss_curve(config, steps: int) -> tuple[list[float], float]:
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
     times.append(time.perf_counter() - start)
+    print(f"{config.model.impl} step {len(losses)}: loss {losses[-1]:.4f}", flush=True)
   return losses, float(np.median(times[1:]))
 
 
