@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.eval_fraction = 0.05  # tail of the token stream held out for eval (sources without a split)
   data.cache_dir = ""  # where tokenized corpora are cached; empty = ~/.cache/drt_jax
   data.worker_count = 0  # grain worker processes (0 = in the main process)
+  # Fraction of training samples turned into synthetic retrieval tasks on their own window
+  # (data/tasks.py: needle, question, answer aligned to model.chunk_len); 0 = plain LM.
+  data.task_fraction = 0.0
+  data.tasks = "passkey"  # comma-separated kinds mixed in: passkey, multikey, multihop
 
   train = config.train = ml_collections.ConfigDict()
   train.global_batch_size = 32  # sequences per optimizer step, over all devices

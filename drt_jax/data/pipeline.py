@@ -7,6 +7,10 @@ model shifts them). Process p reads rows [p * B, (p + 1) * B) of every global ba
 B = global_batch / process_count, so the global batch is the same whatever process_count or
 data.worker_count.
 
+With data.task_fraction > 0, that fraction of the training samples become passkey-style tasks
+built on their own window (tasks.py; data.tasks names the kinds), as in the reference's NIAH
+fine-tuning mixture (§7.5).
+
 Eval (REFERENCE_DRT.md §7.1, stride -1): window k is tokens[k * T, (k + 1) * T) of the held-out
 stream; global eval batch b holds windows b * global_batch + row, split across processes as above.
 """
@@ -18,6 +22,7 @@ import numpy as np
 
 from drt_jax.data import DataError
 from drt_jax.data import sources
+from drt_jax.data import tasks as tasks_lib
 from drt_jax.data import tokenizer as tokenizer_lib
 
 # Index space of the training iterator, in batches: never exhausted by a real run, so the iterator
@@ -42,14 +47,24 @@ def validate_data_config(data) -> None:
     raise DataError(f"data.path={data.path!r}: no such file or folder (data.source='text')")
   if data.source == "tfds" and not data.tfds_name:
     raise DataError("data.tfds_name='': must name a TFDS dataset, e.g. 'pg19' (data.source='tfds')")
+  if not 0 <= data.task_fraction <= 1:
+    raise DataError(f"data.task_fraction={data.task_fraction!r}: must be in [0, 1]")
+  if data.task_fraction and not set(_task_names(data)) <= set(tasks_lib.TASKS):
+    raise DataError(f"data.tasks={data.tasks!r}: must be a comma-separated subset of "
+                    + ", ".join(tasks_lib.TASKS))
+
+
+def _task_names(data) -> tuple[str, ...]:
+  return tuple(name.strip() for name in data.tasks.split(","))
 
 
 class _TrainWindow:
   """Local sample index j -> {"inputs": int32 [seq_len]}, the window of global sample i."""
 
   def __init__(self, span: sources.TokenSpan, *, seq_len: int, seed: int, global_batch: int,
-               local_batch: int, process_index: int):
+               local_batch: int, process_index: int, tasks: tasks_lib.TaskMixture | None):
     self.span = span
+    self.tasks = tasks
     self.seq_len = seq_len
     self.seed = seed
     self.global_batch = global_batch
@@ -67,7 +82,8 @@ class _TrainWindow:
     step, row = divmod(j, self.local_batch)
     i = step * self.global_batch + self.row_offset + row
     start = np.random.default_rng([self.seed, i]).integers(0, len(self.span) - self.seq_len - 1)
-    return {"inputs": self._tokens[start:start + self.seq_len].astype(np.int32)}
+    window = self._tokens[start:start + self.seq_len].astype(np.int32)
+    return {"inputs": window if self.tasks is None else self.tasks(window, i)}
 
 
 def make_train_iterator(config, *, process_index: int = 0,
@@ -85,9 +101,15 @@ def make_train_iterator(config, *, process_index: int = 0,
   if n < seq_len + 2:
     raise DataError(f"training stream has {n} tokens: too short for windows of "
                     f"data.seq_len={seq_len} (needs >= {seq_len + 2})")
+  tasks = None
+  if config.data.task_fraction:
+    builder = tasks_lib.TaskBuilder(tokenizer_lib.make_tokenizer(config.data.tokenizer),
+                                    config.model.chunk_len)
+    tasks = tasks_lib.TaskMixture(builder, _task_names(config.data), config.data.task_fraction,
+                                  config.seed, seq_len)
   window = _TrainWindow(corpus.train, seq_len=seq_len, seed=config.seed,
                         global_batch=config.train.global_batch_size, local_batch=local_batch,
-                        process_index=process_index)
+                        process_index=process_index, tasks=tasks)
   dataset = (grain.MapDataset.range(_NUM_BATCHES * local_batch)
              .map(window)
              .batch(local_batch, drop_remainder=True)

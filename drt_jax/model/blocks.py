@@ -1,5 +1,7 @@
 """Decoder blocks: the lower (and baseline) block and the upper block with GCA (§2.3, §2.6)."""
 
+from typing import Callable
+
 import flax.linen as nn
 
 from drt_jax.config import ModelConfig
@@ -14,11 +16,14 @@ ACTIVATION_AXES = ("batch", "length", "embed")
 class DecoderBlock(nn.Module):
   """x + Attn(norm(x)), then + MLP(norm(x)). float32 [batch, length, d_model] -> same."""
   config: ModelConfig
+  # The self-attention class; decoding (model/decode.py) swaps in a KV-cached twin with the same
+  # params.
+  attention: Callable[..., nn.Module] = SlidingWindowSelfAttention
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    x = x + SlidingWindowSelfAttention(c, name="attn")(layers.RMSNorm(c.rms_eps, name="attn_norm")(x))
+    x = x + self.attention(c, name="attn")(layers.RMSNorm(c.rms_eps, name="attn_norm")(x))
     x = x + layers.SwiGLU(c, name="mlp")(layers.RMSNorm(c.rms_eps, name="mlp_norm")(x))
     return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
@@ -29,14 +34,17 @@ class UpperBlock(nn.Module):
   residual="reference": a = x + Attn; out = a + MLP(norm(a + GCA(a))) (the GCA result only
   feeds the MLP input, as in the reference code). residual="standard": a' = a + GCA(a);
   out = a' + MLP(norm(a')).
+  x holds whole chunks ([batch, chunks * S, d_model]) or, when decoding, one row per sequence
+  ([batch, 1, d_model], retrieval [batch, 1, k]); k_mem may then hold only the retrieved chunks.
   """
   config: ModelConfig
+  attention: Callable[..., nn.Module] = SlidingWindowSelfAttention  # as in DecoderBlock
 
   @nn.compact
   def __call__(self, x, k_mem, v_mem, retrieval: Retrieval):
     c = self.config
-    a = x + SlidingWindowSelfAttention(c, name="attn")(layers.RMSNorm(c.rms_eps, name="attn_norm")(x))
-    chunked = a.reshape(k_mem.shape[:3] + (c.d_model,))
+    a = x + self.attention(c, name="attn")(layers.RMSNorm(c.rms_eps, name="attn_norm")(x))
+    chunked = a.reshape(retrieval.indices.shape[:2] + (-1, c.d_model))
     r = GroupedCrossAttention(c, name="gca")(chunked, k_mem, v_mem, retrieval).reshape(a.shape)
     mixed = a + r
     base = a if c.residual == "reference" else mixed

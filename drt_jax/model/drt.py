@@ -16,6 +16,20 @@ def token_embedding(config: ModelConfig) -> nn.Embed:
                   embedding_init=layers.normal_init(config, ("vocab", "embed")), name="embed")
 
 
+def insert_landmarks(x, landmark):
+  """Token rows [batch, chunks, chunk_len, d] -> [batch, chunks * S, d], the landmark vector [d]
+  after every chunk (§1.2)."""
+  batch, chunks, _, d_model = x.shape
+  x = jnp.concatenate([x, jnp.broadcast_to(landmark, (batch, chunks, 1, d_model))], axis=2)
+  return x.reshape(batch, -1, d_model)
+
+
+def drop_landmarks(x, chunk_size: int):
+  """[batch, chunks * S, d] -> [batch, chunks * (S - 1), d]: row t belongs to raw token t."""
+  batch, _, d_model = x.shape
+  return x.reshape(batch, -1, chunk_size, d_model)[:, :, :-1].reshape(batch, -1, d_model)
+
+
 def maybe_remat(config: ModelConfig, module_class):
   return nn.remat(module_class) if config.remat else module_class
 
@@ -40,8 +54,7 @@ class DRT(nn.Module):
 
     x = token_embedding(c)(tokens).reshape(batch, chunks, c.chunk_len, d_model)
     landmark = self.param("landmark", layers.normal_init(c, ("embed",)), (d_model,), jnp.float32)
-    x = jnp.concatenate([x, jnp.broadcast_to(landmark, (batch, chunks, 1, d_model))], axis=2)
-    x = x.reshape(batch, chunks * size, d_model)
+    x = insert_landmarks(x, landmark)
 
     for i in range(c.decoder_layers[0]):
       x = maybe_remat(c, DecoderBlock)(c, name=f"lower_{i}")(x)
@@ -56,8 +69,7 @@ class DRT(nn.Module):
       for i in range(num_layers):
         x = maybe_remat(c, UpperBlock)(c, name=f"group_{g}_{i}")(x, k_mem, v_mem, serving)
 
-    x = layers.RMSNorm(c.rms_eps, name="final_norm")(x)
-    return x.reshape(batch, chunks, size, d_model)[:, :, :-1].reshape(batch, length, d_model)
+    return drop_landmarks(layers.RMSNorm(c.rms_eps, name="final_norm")(x), size)
 
   def retrieve(self, queries, landmark_keys, *, train: bool) -> retrieval_ops.Retrieval:
     """Top-k earlier chunks per chunk (§2.5). queries, keys [batch, chunks, d] -> [batch, chunks, k]."""

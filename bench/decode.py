@@ -1,0 +1,137 @@
+"""Per-token decode latency and peak device memory against context length (issue 5).
+
+For each context length and chunk memory ("device", "host"), in a fresh process (so the device's
+peak-memory counter is that configuration's alone): prefill `context` random tokens segment by
+segment (the time includes compiling), then time `--steps` greedy decoding steps (sample, then
+step, each waited for as a chat loop would; every chunk_len-th step also encodes a chunk and
+retrieves). Params are the config's initialisation: latency and memory do not depend on their
+values. Prints a table; writes JSON.
+
+  python3 bench/decode.py --config configs/drt_pg19.py --out $OUT/decode.json \
+      [--contexts 65536,1048576,4194304,16777216] [--memories device,host] [--steps 512] \
+      [--set model.impl=xla ...]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def measure(config_path: str, overrides, context: int, memory: str, steps: int,
+            segment_len: int, seed: int) -> dict:
+  """One configuration, in this process."""
+  import flax.linen as nn
+  import jax
+
+  from drt_jax import config as config_lib
+  from drt_jax import generate as generate_lib
+  from drt_jax import inference
+  from drt_jax.model import lm
+
+  config = config_lib.load_config_file(config_path)
+  for assignment in overrides:
+    config_lib.apply_override(config, assignment)
+  model_config = config_lib.validate(config)
+  params = nn.meta.unbox(lm.init_params(lm.make_model(model_config), jax.random.key(seed), 1,
+                                        model_config.chunk_len))
+  decoder = inference.Decoder(model_config, params, max_len=context + steps,
+                              segment_len=segment_len)
+  session = decoder.start(1, memory)
+  tokens = np.random.default_rng(seed).integers(0, model_config.vocab_size, (1, context))
+  start = time.perf_counter()
+  hidden = session.prefill(tokens)
+  hidden.block_until_ready()
+  prefill_s = time.perf_counter() - start
+  times = []
+  for i in range(steps):
+    start = time.perf_counter()
+    token = generate_lib.sample(decoder.logits(hidden), jax.random.key(i), temperature=0.0,
+                                top_k=0)
+    hidden = session.step(token)
+    hidden.block_until_ready()
+    times.append(time.perf_counter() - start)
+  times = np.asarray(times[model_config.chunk_len:])  # the first chunk's steps include compiles
+  boundary = np.arange(model_config.chunk_len, steps)[:len(times)]
+  closes = (context + boundary + 1) % model_config.chunk_len == 0
+  stats = jax.devices()[0].memory_stats() or {}
+  return {
+      "context": context, "chunk_memory": memory, "prefill_s": prefill_s,
+      "prefill_tokens_per_s": context / prefill_s,
+      "step_ms_mean": 1e3 * float(times.mean()), "step_ms_p50": 1e3 * float(np.median(times)),
+      "step_ms_p99": 1e3 * float(np.quantile(times, 0.99)),
+      "plain_step_ms_median": 1e3 * float(np.median(times[~closes])),
+      "landmark_step_ms_median": 1e3 * float(np.median(times[closes])) if closes.any() else None,
+      "peak_device_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+      "device": jax.devices()[0].device_kind, "config": config_path, "overrides": overrides,
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="configs/drt_pg19.py")
+  parser.add_argument("--set", action="append", default=[], help="override, e.g. "
+                      "model.impl=xla (repeatable)")
+  parser.add_argument("--contexts", default="65536,1048576,4194304,16777216")
+  parser.add_argument("--memories", default="device,host")
+  parser.add_argument("--steps", type=int, default=512)
+  parser.add_argument("--segment_len", type=int, default=65520, help="prefill segment, a "
+                      "multiple of model.chunk_len")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--single", help=argparse.SUPPRESS)  # context,memory: measure in-process
+  args = parser.parse_args()
+  if args.single:
+    context, memory = args.single.split(",")
+    print(json.dumps(measure(args.config, args.set, int(context), memory, args.steps,
+                             args.segment_len, args.seed)))
+    return
+  rows = []
+  for memory in args.memories.split(","):
+    for context in map(int, args.contexts.split(",")):
+      command = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--steps",
+                 str(args.steps), "--segment_len", str(args.segment_len), "--seed",
+                 str(args.seed), "--out", args.out, "--single", f"{context},{memory}"]
+      command += [f"--set={assignment}" for assignment in args.set]
+      result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+      if result.returncode:
+        row = {"context": context, "chunk_memory": memory,
+               "error": (result.stderr.strip().splitlines() or ["?"])[-1]}
+      else:
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+      rows.append(row)
+      print(_format(row), flush=True)
+  for memory in args.memories.split(","):
+    mine = [r for r in rows if r["chunk_memory"] == memory and "error" not in r]
+    if len(mine) > 1:
+      print(f"{memory}: step latency at {mine[-1]['context']} / at {mine[0]['context']} = "
+            f"{mine[-1]['step_ms_mean'] / mine[0]['step_ms_mean']:.2f}x")
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump({"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "rows": rows}, f,
+              indent=1)
+
+
+def _format(row: dict) -> str:
+  if "error" in row:
+    return f"{row['context']:>9} {row['chunk_memory']:>6}  error: {row['error']}"
+  landmark = row["landmark_step_ms_median"]
+  peak = row["peak_device_gib"]
+  return (f"{row['context']:>9} {row['chunk_memory']:>6}  prefill {row['prefill_s']:7.1f} s "
+          f"({row['prefill_tokens_per_s']:9.0f} tok/s)  step mean "
+          f"{row['step_ms_mean']:6.2f} "
+          f"p50 {row['step_ms_p50']:6.2f} p99 {row['step_ms_p99']:6.2f} ms  plain "
+          f"{row['plain_step_ms_median']:6.2f} landmark "
+          f"{'-' if landmark is None else f'{landmark:6.2f}'} ms  peak device "
+          f"{'-' if peak is None else f'{peak:6.2f} GiB'}")
+
+
+if __name__ == "__main__":
+  main()

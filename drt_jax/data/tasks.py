@@ -1,0 +1,170 @@
+"""Synthetic retrieval tasks: passkey, multi-key and multi-hop samples in a haystack of ordinary
+text (REFERENCE_DRT.md §7.2-7.4), aligned to the model's chunk size, every answer token scored.
+
+Layout of a sample of T tokens, c = model.chunk_len:
+    haystack ... needle(s) ... haystack ... question | answer | tail
+The question ends at index 0 of the answer chunk and the A answer tokens fill its indices
+1 .. A (A <= c - 1). So the landmark that closes the chunk before (it has read the question)
+performs the retrieval serving the whole answer chunk: every answer token, the first included, is
+predicted with question-driven retrieval. The reference aligned to a fixed 64 and scored one
+token (§8 items 20-21); here the alignment follows c and the whole answer must match.
+Needles, question and answer overwrite haystack tokens (the length stays T); the tail after the
+answer (< c tokens) is the haystack's own text, so a training sample needs no loss mask.
+
+Values are strings of random digits, one token per digit, spliced as the same ids into needle,
+question and answer: a model that copies the needle answers exactly, whatever the tokenizer.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from drt_jax.data import DataError
+from drt_jax.data.tokenizer import Tokenizer
+
+TASKS = ("passkey", "multikey", "multihop")
+_NOISE_KEYS = 5  # multikey: key-value needles besides the one asked for (the reference's 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  """One task sample: haystack with needles, question and answer, as token ids."""
+  tokens: np.ndarray  # int32 [T]
+  answer_start: int  # index of the first answer token; answer_start % chunk_len == 1
+  answer: np.ndarray  # int32 [A]
+  needle_start: int  # index of the first token of the needle holding (the start of) the answer
+  depth: float  # the depth asked for: 0 = haystack start, 1 = just before the question
+
+  @property
+  def prompt(self) -> np.ndarray:
+    """What a model reads before answering: tokens[:answer_start]."""
+    return self.tokens[:self.answer_start]
+
+
+def exact_match(sample: Sample, predicted) -> bool:
+  """True when predicted starts with the whole answer (every answer token scored)."""
+  predicted = np.asarray(predicted).reshape(-1)
+  return len(predicted) >= len(sample.answer) and bool(
+      np.array_equal(predicted[:len(sample.answer)], sample.answer))
+
+
+class TaskBuilder:
+  """Builds task samples for one tokenizer and chunk size; pickles as token arrays (grain)."""
+
+  def __init__(self, tokenizer: Tokenizer, chunk_len: int, *, digits: int = 5):
+    self.chunk_len = chunk_len
+    self.digits = digits
+    digit_ids = [tokenizer.encode(str(d)) for d in range(10)]
+    if any(len(ids) != 1 for ids in digit_ids):
+      raise DataError("tokenizer: tasks need every digit 0-9 to encode as one token")
+    self._digit_ids = np.array([ids[0] for ids in digit_ids], np.int32)
+    self._text = {name: tokenizer.encode(text).astype(np.int32) for name, text in {
+        "passkey": "|The passkey is ", "passkey_q": "|What is the passkey? The passkey is ",
+        "key": "|One of the special magic numbers for ", "is": " is ",
+        "key_q": "|The value of ", "hop": "|DEF ", "arrow": " -> ",
+        "hop_q": "|The path from ", "comma": ", ", "end": "|"}.items()}
+
+  def check(self, task: str, length: int):
+    """Raises DataError unless `task` samples of `length` tokens can be built."""
+    if task not in TASKS:
+      raise DataError(f"task {task!r}: must be one of {', '.join(TASKS)}")
+    answer = self.answer_len(task)
+    if answer > self.chunk_len - 1:
+      raise DataError(f"task {task!r}: its answer of {answer} tokens does not fit after the "
+                      f"question in one chunk of model.chunk_len={self.chunk_len} (needs <= "
+                      f"{self.chunk_len - 1}); use fewer digits or a longer chunk")
+    if length < self.min_length(task):
+      raise DataError(f"samples of {length} tokens are too short for task {task!r} (needs >= "
+                      f"{self.min_length(task)})")
+
+  def answer_len(self, task: str) -> int:
+    return 2 * self.digits + len(self._text["comma"]) if task == "multihop" else self.digits
+
+  def min_length(self, task: str) -> int:
+    """The shortest sample (in tokens) `task` fits in: needles, question, an aligned answer."""
+    needles, question, _ = self._pieces(task, np.random.default_rng(0))
+    return sum(len(n) for n in needles) + len(question) + self.chunk_len + self.answer_len(task)
+
+  def make(self, task: str, haystack, rng: np.random.Generator, depth: float) -> Sample:
+    """A sample of len(haystack) tokens; the needle answering the question sits at `depth`
+    (0 = start, 1 = just before the question) and any others at random free places."""
+    tokens = np.array(haystack, np.int32)
+    self.check(task, len(tokens))
+    length = len(tokens)
+    needles, question, answer = self._pieces(task, rng)
+    c = self.chunk_len
+    answer_start = (length - len(answer) - 1) // c * c + 1
+    question_start = answer_start - len(question)
+    starts = self._place([len(n) for n in needles], question_start, depth, rng)
+    for start, needle in zip(starts, needles):
+      tokens[start:start + len(needle)] = needle
+    tokens[question_start:answer_start] = question
+    tokens[answer_start:answer_start + len(answer)] = answer
+    return Sample(tokens=tokens, answer_start=answer_start, answer=answer,
+                  needle_start=int(starts[0]), depth=float(depth))
+
+  def _value(self, rng):
+    return self._digit_ids[rng.integers(0, 10, self.digits)]
+
+  def _pieces(self, task, rng):
+    """(needles, the answering one first; question; answer) as int32 token arrays."""
+    t, cat = self._text, np.concatenate
+    if task == "passkey":
+      value = self._value(rng)
+      return [cat([t["passkey"], value, t["end"]])], t["passkey_q"], value
+    if task == "multikey":
+      pairs = [(self._value(rng), self._value(rng)) for _ in range(_NOISE_KEYS + 1)]
+      needles = [cat([t["key"], k, t["is"], v, t["end"]]) for k, v in pairs]
+      key, value = pairs[0]
+      return needles, cat([t["key_q"], key, t["is"]]), value
+    # multihop: chains a -> b -> c (asked) and a' -> b' -> c' (noise), one needle per hop.
+    a, b, c, a2, b2, c2 = (self._value(rng) for _ in range(6))
+    needles = [cat([t["hop"], x, t["arrow"], y, t["end"]])
+               for x, y in ((a, b), (b, c), (a2, b2), (b2, c2))]
+    return needles, cat([t["hop_q"], a, t["is"]]), cat([b, t["comma"], c])
+
+  def _place(self, lengths, room: int, depth: float, rng) -> list[int]:
+    """Non-overlapping starts in [0, room) for needles of `lengths`: the first at `depth`, the
+    others at uniformly random places (always succeeds when they fit).
+
+    The others are laid out first on the line of room - lengths[0] tokens, in random order with
+    uniform gaps; the first goes in at depth * (that line), moved to the nearest needle edge
+    if that point falls inside one, and pushes the needles after it along.
+    """
+    first, others = lengths[0], np.asarray(lengths[1:], np.int64)
+    line = room - first
+    order = rng.permutation(len(others))
+    cuts = np.sort(rng.integers(0, line - others.sum() + 1, len(others)))
+    starts = np.empty(len(others), np.int64)
+    starts[order] = cuts + np.cumsum(others[order]) - others[order]
+    at = int(round(depth * line))
+    inside = (starts < at) & (at < starts + others)
+    if inside.any():
+      j = int(np.flatnonzero(inside)[0])
+      at = int(starts[j] if at - starts[j] <= starts[j] + others[j] - at else starts[j] + others[j])
+    return [at] + [int(x + first if x >= at else x) for x in starts]
+
+
+class TaskMixture:
+  """Turns a fraction of training windows into task samples (data.task_fraction, data.tasks).
+
+  Sample i's choice and content come from np.random.default_rng([seed, i, 1]), so the mixture is
+  as reproducible as the windows.
+  """
+
+  def __init__(self, builder: TaskBuilder, tasks: tuple[str, ...], fraction: float, seed: int,
+               seq_len: int):
+    for task in tasks:
+      builder.check(task, seq_len)  # here, not in a grain worker
+    self.builder = builder
+    self.tasks = tasks
+    self.fraction = fraction
+    self.seed = seed
+
+  def __call__(self, window: np.ndarray, i: int) -> np.ndarray:
+    """Global sample i's window int32 [T] -> the window itself or a task sample of it."""
+    rng = np.random.default_rng([self.seed, i, 1])
+    if rng.random() >= self.fraction:
+      return window
+    task = self.tasks[rng.integers(len(self.tasks))]
+    return self.builder.make(task, window, rng, depth=rng.random()).tokens

@@ -1,0 +1,321 @@
+"""`python -m drt_jax.eval --task ppl|passkey|multikey|multihop --config configs/<name>.py
+--checkpoint RUN_DIR --lengths 4032,16128 --out results.json`
+
+ppl: perplexity over windows of each length from the held-out stream, non-overlapping, or every
+--stride tokens scoring only each window's last stride tokens (REFERENCE_DRT.md §7.1).
+passkey, multikey, multihop: data/tasks.py samples in held-out text over a grid of lengths x needle
+depths; the model greedily decodes the answer, which must match exactly, every token (§7.2-7.4).
+
+Writes --out (JSON) and its plots beside it: <out>_heatmap.png (accuracy by depth and length) and
+<out>_accuracy.png (accuracy against length), or <out>_perplexity.png. Every input is checked
+before anything runs, and the files appear only once everything has run.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from drt_jax import config as config_lib
+from drt_jax import generate as generate_lib
+from drt_jax import inference
+from drt_jax.data import DataError
+from drt_jax.data import pipeline
+from drt_jax.data import sources
+from drt_jax.data import tasks as tasks_lib
+from drt_jax.data import tokenizer as tokenizer_lib
+from drt_jax.model.head import cross_entropy_sum
+
+TASKS = ("ppl",) + tasks_lib.TASKS
+
+
+def _define_flags():
+  # Defined only when run as a program: eval.py and generate.py are also imported as libraries.
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_enum("task", None, list(TASKS), "What to evaluate.")
+  flags.DEFINE_string("checkpoint", None, "Run folder (train.py --workdir) or its checkpoints/ "
+                      "folder; the latest step is used.")
+  flags.DEFINE_string("lengths", None, "Comma-separated context lengths in tokens.")
+  flags.DEFINE_string("out", None, "Results JSON; plots are written beside it.")
+  flags.DEFINE_string("samples", "50", "Task samples per length, spread evenly over the depths "
+                      "(rounded up): one count, or one per length (e.g. 50,50,20).")
+  flags.DEFINE_integer("depths", 5, "Needle depths, evenly spaced from 0 to 1.")
+  flags.DEFINE_integer("digits", 5, "Digits (tokens) per task value.")
+  flags.DEFINE_integer("windows", 16, "ppl: at most this many windows per length.")
+  flags.DEFINE_integer("stride", 0, "ppl: 0 = non-overlapping windows; s > 0 = a window every s "
+                       "tokens, scoring its last s tokens (the first window: all).")
+  flags.DEFINE_integer("batch", 8, "Sequences decoded together.")
+  flags.DEFINE_integer("max_len", None, "Longest length accepted (default: the longest of "
+                       "--lengths); sizes the landmark keys on the device.")
+  flags.DEFINE_integer("segment_len", None, "Tokens per prefill segment (default: data.seq_len, "
+                       "the training length).")
+  flags.DEFINE_enum("chunk_memory", "device", list(inference.CHUNK_MEMORIES),
+                    "Where the chunk K/V memory lives ('host' for long contexts).")
+  flags.DEFINE_integer("seed", 0, "Seed of the samples (haystack offsets, values, needles).")
+
+
+class EvalError(ValueError):
+  """An evaluation setting that cannot work; the message names the flag and value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What to evaluate and how; check() validates it without running anything."""
+  task: str
+  lengths: tuple[int, ...]
+  out: str
+  samples: tuple[int, ...] = (50,)  # per length, or one count for all
+  depths: int = 5
+  digits: int = 5
+  windows: int = 16
+  stride: int = 0
+  batch: int = 8
+  max_len: int | None = None
+  segment_len: int | None = None
+  chunk_memory: str = "device"
+  seed: int = 0
+
+
+def parse_counts(text, flag: str = "--lengths") -> tuple[int, ...]:
+  """"4032,16128" -> (4032, 16128); anything but positive integers is an EvalError."""
+  parts = [p.strip() for p in str(text or "").split(",")]
+  if not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise EvalError(f"{flag}={text!r}: must be comma-separated positive integers, e.g. "
+                    "4032,16128")
+  return tuple(int(p) for p in parts)
+
+
+def check(settings: Settings, config: ml_collections.ConfigDict, stream_len: int,
+          builder: tasks_lib.TaskBuilder | None):
+  """Raises EvalError (or DataError) naming the first setting that cannot work."""
+  s = settings
+  if s.task not in TASKS:
+    raise EvalError(f"--task={s.task!r}: must be one of {', '.join(TASKS)}")
+  for name in ("depths", "windows", "batch"):
+    if getattr(s, name) < 1:
+      raise EvalError(f"--{name}={getattr(s, name)}: must be a positive integer")
+  if len(s.samples) not in (1, len(s.lengths)) or min(s.samples) < 1:
+    raise EvalError(f"--samples={','.join(map(str, s.samples))}: must be one positive count, or "
+                    f"one per length ({len(s.lengths)})")
+  if s.stride < 0:
+    raise EvalError(f"--stride={s.stride}: must be >= 0")
+  if not os.path.isdir(os.path.dirname(os.path.abspath(s.out))):
+    raise EvalError(f"--out={s.out!r}: its folder does not exist")
+  max_len = s.max_len or max(s.lengths)
+  for length in s.lengths:
+    if length > max_len:
+      raise EvalError(f"--lengths: {length} is longer than --max_len={max_len}")
+    if s.task == "ppl" and length > stream_len:
+      raise EvalError(f"--lengths: {length} is longer than the held-out stream of "
+                      f"data.source={config.data.source!r} ({stream_len} tokens)")
+    if s.task == "ppl" and length < 2:
+      raise EvalError(f"--lengths: {length} has no token to predict (needs >= 2)")
+    if s.task != "ppl":
+      builder.check(s.task, length)
+  if s.stride and s.stride >= min(s.lengths):
+    raise EvalError(f"--stride={s.stride}: must be shorter than every length")
+
+
+def evaluate_retrieval(decoder, builder, settings: Settings, stream, progress=True) -> list[dict]:
+  """Accuracy per length and depth of greedily decoded answers (exact match of the whole answer).
+
+  Sample i of a length draws its haystack offset, values and needle places from
+  np.random.default_rng([seed, length, i]); haystacks longer than the stream repeat it.
+  """
+  s = settings
+  depths = np.linspace(0.0, 1.0, s.depths)
+  answer_len = builder.answer_len(s.task)
+
+  def sample(length, i, depth):
+    rng = np.random.default_rng([s.seed, length, i])
+    offset = int(rng.integers(len(stream)))
+    haystack = np.take(stream, np.arange(offset, offset + length), mode="wrap")
+    return builder.make(s.task, haystack, rng, float(depth))
+
+  results = []
+  for length, count in zip(s.lengths, np.broadcast_to(s.samples, len(s.lengths))):
+    per_depth = -(-int(count) // s.depths)
+    grid = np.repeat(depths, per_depth)  # sample i sits at depth grid[i]
+    start = time.perf_counter()
+    hits = []
+    with tqdm.tqdm(total=len(grid), desc=f"{s.task} @ {length}", disable=not progress) as bar:
+      for first in range(0, len(grid), s.batch):
+        batch = [sample(length, i, grid[i]) for i in range(first, min(first + s.batch, len(grid)))]
+        answers = generate_lib.generate(decoder, [x.prompt for x in batch], answer_len,
+                                        chunk_memory=s.chunk_memory)
+        hits += [tasks_lib.exact_match(x, a) for x, a in zip(batch, answers)]
+        bar.update(len(batch))
+    hits = np.asarray(hits).reshape(len(depths), per_depth)
+    results.append({"length": length, "accuracy": float(hits.mean()), "samples": hits.size,
+                    "by_depth": {f"{d:g}": float(h.mean()) for d, h in zip(depths, hits)},
+                    "wall_s": time.perf_counter() - start})
+  return results
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _piece_nll(embedding, hidden, targets, mask, *, dtype):
+  return cross_entropy_sum(hidden, embedding, targets, mask, dtype=dtype)
+
+
+def evaluate_perplexity(decoder, settings: Settings, stream, progress=True) -> list[dict]:
+  """Token-weighted mean NLL and perplexity per window length (§7.1)."""
+  s = settings
+  embedding = decoder.params["embed"]["embedding"]
+  results = []
+  for length in s.lengths:
+    step = s.stride or length
+    starts = np.arange(0, len(stream) - length + 1, step)[:s.windows]
+    # Token t of a window is scored (predicted from t - 1) if the window is the first, or if
+    # t is among its last `stride` tokens.
+    scored = np.ones((len(starts), length), np.float32)
+    scored[:, 0] = 0
+    if s.stride:
+      scored[1:, :length - s.stride] = 0
+    start_time = time.perf_counter()
+    total = count = 0.0
+    with tqdm.tqdm(total=len(starts), desc=f"ppl @ {length}", disable=not progress) as bar:
+      for i in range(0, len(starts), s.batch):
+        rows = starts[i:i + s.batch]
+        windows = np.stack([stream[r:r + length] for r in rows]).astype(np.int32)
+        weights = scored[i:i + len(rows)]
+        session = decoder.start(len(rows), s.chunk_memory)
+        for offset, hidden in session.feed(windows):
+          stop = min(offset + hidden.shape[1], length - 1)  # the last token predicts nothing
+          if stop <= offset:
+            continue
+          nll, n = _piece_nll(embedding, hidden[:, :stop - offset],
+                              windows[:, offset + 1:stop + 1], weights[:, offset + 1:stop + 1],
+                              dtype=decoder.config.compute_dtype)
+          total, count = total + float(nll), count + float(n)
+        bar.update(len(rows))
+    results.append({"length": length, "nll": total / count,
+                    "perplexity": float(np.exp(total / count)), "windows": len(starts),
+                    "tokens": int(count),
+                    "wall_s": time.perf_counter() - start_time})
+  return results
+
+
+def plot(results: dict, out: str) -> dict[str, str]:
+  """Draws the plots of `results` into temporary files; returns {final path: temporary path}."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  base = os.path.splitext(out)[0]
+  rows = results["results"]
+  lengths = [r["length"] for r in rows]
+  labels = [f"{n}\n({n / results['train_len']:g}x)" for n in lengths]
+  figures = {}
+  if results["task"] == "ppl":
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lengths, [r["perplexity"] for r in rows], marker="o")
+    ax.set(xscale="log", xlabel="context length (tokens)", ylabel="perplexity",
+           title=f"perplexity, trained on {results['train_len']} tokens")
+    figures[base + "_perplexity.png"] = fig
+  else:
+    depths = list(rows[0]["by_depth"])
+    grid = np.array([[r["by_depth"][d] for r in rows] for d in depths])
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.5 * len(depths) + 2))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for (i, j), value in np.ndenumerate(grid):
+      ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(lengths)), labels, fontsize=8)
+    ax.set_yticks(range(len(depths)), depths)
+    ax.set(xlabel="context length (tokens)", ylabel="needle depth",
+           title=f"{results['task']} accuracy (exact match)")
+    fig.colorbar(image, ax=ax)
+    figures[base + "_heatmap.png"] = fig
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lengths, [r["accuracy"] for r in rows], marker="o")
+    ax.set(xscale="log", ylim=(-0.02, 1.02), xlabel="context length (tokens)",
+           ylabel="accuracy", title=f"{results['task']}, trained on {results['train_len']} tokens")
+    figures[base + "_accuracy.png"] = fig
+  written = {}
+  for path, fig in figures.items():
+    fig.tight_layout()
+    temporary = path + ".tmp.png"
+    fig.savefig(temporary, dpi=120)
+    plt.close(fig)
+    written[path] = temporary
+  return written
+
+
+def write(results: dict, out: str) -> list[str]:
+  """Writes the JSON and plots; all under temporary names first, renamed once all exist."""
+  pending = plot(results, out)
+  try:
+    with open(out + ".tmp", "w") as f:
+      json.dump(results, f, indent=2)
+    pending[out] = out + ".tmp"
+    for final, temporary in pending.items():
+      os.replace(temporary, final)
+  finally:
+    for temporary in pending.values():
+      if os.path.exists(temporary):
+        os.remove(temporary)
+  return list(pending)
+
+
+def run(config: ml_collections.ConfigDict, checkpoint: str, settings: Settings,
+        progress: bool = True) -> dict:
+  """Checks everything, evaluates, writes the files; returns the results."""
+  model_config = config_lib.validate(config)
+  pipeline.validate_data_config(config.data)
+  tokenizer = tokenizer_lib.make_tokenizer(config.data.tokenizer)
+  stream = sources.load_corpus(config.data, tokenizer).eval.array()
+  builder = None
+  if settings.task != "ppl":
+    builder = tasks_lib.TaskBuilder(tokenizer, model_config.chunk_len, digits=settings.digits)
+  check(settings, config, len(stream), builder)
+  params = generate_lib.restore_params(config, checkpoint)
+  decoder = inference.Decoder(model_config, params,
+                              max_len=settings.max_len or max(settings.lengths),
+                              segment_len=settings.segment_len or config.data.seq_len)
+  start = time.perf_counter()
+  if settings.task == "ppl":
+    rows = evaluate_perplexity(decoder, settings, stream, progress)
+  else:
+    rows = evaluate_retrieval(decoder, builder, settings, stream, progress)
+  results = {"task": settings.task, "checkpoint": os.path.abspath(checkpoint),
+             "train_len": config.data.seq_len, "chunk_len": model_config.chunk_len,
+             "settings": dataclasses.asdict(settings), "wall_s": time.perf_counter() - start,
+             "device": jax.devices()[0].device_kind, "results": rows}
+  write(results, settings.out)
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  try:
+    settings = Settings(
+        task=f.task, lengths=parse_counts(f.lengths), out=f.out,
+        samples=parse_counts(f.samples, "--samples"),
+        depths=f.depths, digits=f.digits, windows=f.windows, stride=f.stride, batch=f.batch,
+        max_len=f.max_len, segment_len=f.segment_len, chunk_memory=f.chunk_memory, seed=f.seed)
+    results = run(f.config, f.checkpoint, settings)
+  except (config_lib.ConfigError, DataError, EvalError, inference.InputError,
+          generate_lib.CheckpointError) as error:
+    raise SystemExit(f"error: {error}") from None
+  for row in results["results"]:
+    value = row["perplexity"] if settings.task == "ppl" else row["accuracy"]
+    print(f"{settings.task} length {row['length']:>9}: {value:.4f} ({row['wall_s']:.1f} s)")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  flags.mark_flags_as_required(["config", "checkpoint", "task", "lengths", "out"])
+  app.run(main)

@@ -1,0 +1,189 @@
+"""`python -m drt_jax.generate --config configs/<name>.py --checkpoint RUN_DIR --prompt TEXT ...`
+
+Continues prompts of any length with a trained DRT: prefill, then token-by-token decoding with
+greedy, temperature or top-k sampling (drt_jax/inference.py holds the state). Also home of
+restore_params, which eval.py shares.
+"""
+
+import functools
+import os
+import sys
+from typing import Sequence
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from drt_jax import config as config_lib
+from drt_jax import inference
+from drt_jax.data import DataError
+from drt_jax.data import tokenizer as tokenizer_lib
+from drt_jax.model import lm
+
+
+def _define_flags():
+  # Defined only when run as a program: generate.py is also imported as a library (eval.py).
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "Run folder (train.py --workdir) or its checkpoints/ "
+                      "folder; the latest step is used.")
+  flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat for a batch.")
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per prompt.")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy; else sample softmax(logits / T).")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("max_len", None, "Longest prompt + generation accepted (default: the "
+                       "longest prompt + max_new_tokens).")
+  flags.DEFINE_integer("segment_len", None, "Tokens per prefill segment (default: data.seq_len, "
+                       "the training length).")
+  flags.DEFINE_enum("chunk_memory", "device", list(inference.CHUNK_MEMORIES),
+                    "Where the chunk K/V memory lives.")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing or does not fit the config; the message names it."""
+
+
+def restore_params(config: ml_collections.ConfigDict, checkpoint: str, step: int | None = None):
+  """The float32 params of a train.py checkpoint, checked against config's model first.
+
+  checkpoint: the run folder (--workdir) or its checkpoints/ folder. step: None = the latest.
+  """
+  model_config = config_lib.validate(config)
+  folder = os.path.join(checkpoint, "checkpoints")
+  folder = os.path.abspath(folder if os.path.isdir(folder) else checkpoint)
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"--checkpoint={checkpoint!r}: no such folder")
+  # The data iterator's handler too, only so that orbax does not warn about an unknown item.
+  manager = ocp.CheckpointManager(folder, item_handlers={
+      "state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise CheckpointError(f"--checkpoint={checkpoint!r}: no checkpoint"
+                          + ("" if step is None else f" at step {step}") + f" in {folder}")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  expected = jax.eval_shape(lambda: nn.meta.unbox(lm.init_params(
+      lm.make_model(model_config), jax.random.key(0), 1, model_config.chunk_len)))
+  expected = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                          expected)
+  _check_shapes(manager.item_metadata(step)["state"]["params"], expected,
+                f"{folder} step {step}")
+  target = {"params": expected}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)))
+  manager.close()
+  return restored.state["params"]
+
+
+def _check_shapes(saved, expected, where: str):
+  """Orbax restores whatever shape was saved, so a checkpoint of another config must be caught
+  here, not by a shape error deep inside a trace."""
+  saved = {jax.tree_util.keystr(p): tuple(v.shape)
+           for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
+    name = jax.tree_util.keystr(path)
+    if name not in saved:
+      raise CheckpointError(f"{where}: has no param {name}; the checkpoint is from another "
+                            "model config")
+    if saved[name] != leaf.shape:
+      raise CheckpointError(f"{where}: param {name} has shape {saved[name]}, the config's model "
+                            f"needs {leaf.shape}; the checkpoint is from another model config")
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_k"))
+def sample(logits, rng, *, temperature: float, top_k: int):
+  """float32 [b, vocab] -> int32 [b]: the argmax if temperature == 0, else a draw from
+  softmax(logits / temperature) over the top_k most likely tokens (top_k 0 = all)."""
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits / temperature).astype(jnp.int32)
+
+
+def check_sampling(max_new_tokens, temperature, top_k):
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise inference.InputError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+  if not temperature >= 0:
+    raise inference.InputError(f"temperature={temperature!r}: must be >= 0")
+  if not isinstance(top_k, int) or top_k < 0:
+    raise inference.InputError(f"top_k={top_k!r}: must be an integer >= 0")
+
+
+def start(decoder: inference.Decoder, prompts: Sequence[np.ndarray], chunk_memory: str):
+  """Prefills each prompt (1-D int, any lengths) -> (session, last hidden state [b, d]).
+
+  Prompts of one length are prefilled as a batch; otherwise one by one, then joined (decoding
+  takes sequences at different positions).
+  """
+  if len({len(p) for p in prompts}) == 1:
+    session = decoder.start(len(prompts), chunk_memory)
+    return session, session.prefill(np.stack(prompts))
+  sessions = [decoder.start(1, chunk_memory) for _ in prompts]
+  last = [s.prefill(p[None]) for s, p in zip(sessions, prompts)]
+  return inference.Session.concatenate(sessions), jnp.concatenate(last)
+
+
+def generate(decoder: inference.Decoder, prompts: Sequence, max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+             chunk_memory: str = "device") -> np.ndarray:
+  """Continues every prompt by max_new_tokens tokens -> int32 [len(prompts), max_new_tokens]."""
+  prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+  if not prompts:
+    raise inference.InputError("no prompts")
+  check_sampling(max_new_tokens, temperature, top_k)
+  for i, prompt in enumerate(prompts):
+    if len(prompt) == 0:
+      raise inference.InputError(f"prompt {i} is empty")
+    if len(prompt) + max_new_tokens > decoder.max_len:
+      raise inference.InputError(
+          f"prompt {i} has {len(prompt)} tokens: with max_new_tokens={max_new_tokens} longer "
+          f"than max_len={decoder.max_len}")
+  session, hidden = start(decoder, prompts, chunk_memory)
+  rng = jax.random.key(seed)
+  tokens = []
+  for i in range(max_new_tokens):
+    token = sample(decoder.logits(hidden), jax.random.fold_in(rng, i), temperature=temperature,
+                   top_k=top_k)
+    tokens.append(token)
+    if i + 1 < max_new_tokens:
+      hidden = session.step(token)
+  return np.asarray(jnp.stack(tokens, axis=1))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  try:
+    check_sampling(f.max_new_tokens, f.temperature, f.top_k)
+    model_config = config_lib.validate(f.config)
+    tokenizer = tokenizer_lib.make_tokenizer(f.config.data.tokenizer)
+    prompts = [tokenizer.encode(text) for text in f.prompt]
+    if any(len(p) == 0 for p in prompts):
+      raise inference.InputError("--prompt: an empty prompt has nothing to continue")
+    longest = max(len(p) for p in prompts) + f.max_new_tokens
+    params = restore_params(f.config, f.checkpoint)
+    decoder = inference.Decoder(model_config, params, max_len=f.max_len or longest,
+                                segment_len=f.segment_len or f.config.data.seq_len)
+    outputs = generate(decoder, prompts, f.max_new_tokens, temperature=f.temperature,
+                       top_k=f.top_k, seed=f.seed, chunk_memory=f.chunk_memory)
+  except (config_lib.ConfigError, DataError, inference.InputError, CheckpointError) as error:
+    raise SystemExit(f"error: {error}") from None
+  for text, output in zip(f.prompt, outputs):
+    sys.stdout.write(text + tokenizer.decode(output) + "\n")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  flags.mark_flags_as_required(["config", "checkpoint", "prompt"])
+  app.run(main)

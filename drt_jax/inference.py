@@ -1,0 +1,444 @@
+"""Incremental DRT inference: inputs of any length, token-by-token decoding, and chunk memory on
+the device or in host memory (REFERENCE_DRT.md §4, with §8 items 2, 4 and 17 fixed).
+
+A Session holds the state of a batch of sequences:
+  * per self-attention layer, a ring buffer of the last window + 1 keys/values (model/decode.py);
+  * the lower-layer output of the current chunk's rows, encoded when its landmark arrives;
+  * the landmark keys of every encoded chunk, always on the device (each retrieval scores them
+    all), and the chunks' K/V in a chunk store, on the device or in host memory;
+  * per group, the retrieval serving the current chunk, and its chunks' K/V on the device.
+Retrieval at a landmark is the training-time one (lmk_norm, scores / sqrt(d), causal mask, top-k,
+softmax of the chosen scores, no noise), so decoding picks the chunks the one-shot forward picks.
+
+Tokens go in as segments of whole chunks (batch mode over the cached history; the retrieval
+computed at a segment's last landmark serves the next segment's first chunk) or one at a time (a
+chunk's landmark is processed right after its last token). Either way the hidden state of every
+token equals the one-shot forward's.
+"""
+
+import functools
+from typing import Any, Iterator, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drt_jax.config import ConfigError, ModelConfig
+from drt_jax.model.decode import DecodeDRT, cache_len, init_cache
+from drt_jax.model.drt import drop_landmarks
+from drt_jax.model.head import tied_logits
+from drt_jax.model.retrieval import Retrieval
+
+CHUNK_MEMORIES = ("device", "host")
+
+
+class InputError(ValueError):
+  """Tokens a session cannot take (empty, too long, misaligned); the message names the value."""
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Device state of b sequences (S rows per chunk, G groups, K = min(topk, capacity))."""
+  cache: Any  # DecodeDRT's "cache" collection: ring buffers and positions per attention layer
+  position: jax.Array  # int32 [b]: rows of the landmark-inserted stream processed
+  chunk_rows: jax.Array  # float32 [b, S, d]: lower-layer output of the current chunk's rows
+  landmark_keys: jax.Array  # float32 [b, capacity, d]: encoder output at each chunk's landmark
+  active: Retrieval  # [b, G, K]: per group, the retrieval serving the current chunk
+  active_kv: jax.Array  # [b, G, K, S, 2, heads, head_dim]: the K/V of those chunks
+
+
+class DeviceChunkStore:
+  """Chunk K/V in one device buffer [b, capacity, S, 2, heads, head_dim]."""
+
+  def __init__(self, batch: int, capacity: int, chunk_shape, dtype):
+    self.buffer = jnp.zeros((batch, capacity) + tuple(chunk_shape), dtype)
+
+  def write(self, kv, first, rows):
+    """kv [b, n, ...] -> chunks first[i] .. first[i] + n - 1 of the sequences where rows[i]."""
+    self.buffer = _write_chunks(self.buffer, kv, jnp.asarray(first), jnp.asarray(rows))
+
+  def gather(self, indices):
+    """int [b, m] chunk ids -> device [b, m, S, 2, heads, head_dim]."""
+    return _gather_chunks(self.buffer, jnp.asarray(indices, jnp.int32))
+
+  def concatenate(self, others):
+    self.buffer = jnp.concatenate([self.buffer] + [o.buffer for o in others])
+
+
+class HostChunkStore:
+  """Chunk K/V in host memory (numpy), for contexts beyond device memory: one copy to the host
+  per write, and one transfer of the selected chunks per retrieval.
+
+  Not a jax array in "pinned_host" memory: a retrieval gathers chunks and a write scatters them,
+  and XLA does not run such ops on host-memory arrays on every backend; jax.device_put of whole
+  arrays (one per chunk) works everywhere but costs ~0.1 ms of dispatch per chunk.
+  """
+
+  def __init__(self, batch: int, capacity: int, chunk_shape, dtype):
+    # Zero pages are mapped lazily: memory is committed only as chunks are written.
+    self.buffer = np.zeros((batch, capacity) + tuple(chunk_shape), np.dtype(dtype))
+
+  def write(self, kv, first, rows):
+    kv = np.asarray(kv)
+    for i in np.flatnonzero(rows):
+      self.buffer[i, first[i]:first[i] + kv.shape[1]] = kv[i]
+
+  def gather(self, indices):
+    indices = np.asarray(indices)
+    return jax.device_put(self.buffer[np.arange(len(indices))[:, None], indices])
+
+  def concatenate(self, others):
+    self.buffer = np.concatenate([self.buffer] + [o.buffer for o in others])
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_chunks(buffer, kv, first, rows):
+  batch, n = kv.shape[:2]
+  b = jnp.arange(batch)[:, None]
+  slots = jnp.minimum(first[:, None] + jnp.arange(n)[None, :], buffer.shape[1] - 1)
+  keep = rows.reshape((batch, 1) + (1,) * (kv.ndim - 2))
+  return buffer.at[b, slots].set(jnp.where(keep, kv.astype(buffer.dtype), buffer[b, slots]))
+
+
+@jax.jit
+def _gather_chunks(buffer, indices):
+  return buffer[jnp.arange(buffer.shape[0])[:, None], indices]
+
+
+def _stack_groups(retrievals: Sequence[Retrieval]) -> Retrieval:
+  """G retrievals [b, ..., K] -> one Retrieval [b, G, ..., K]."""
+  return Retrieval(*(jnp.stack(parts, axis=1) for parts in zip(*retrievals)))
+
+
+def _active_slots(active: Retrieval, group: int) -> Retrieval:
+  """The active retrieval of one group, indexing its own gathered chunks: [b, 1, K]."""
+  batch, _, k = active.indices.shape
+  slots = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (batch, 1, k))
+  return Retrieval(slots, active.weights[:, group, None], active.valid[:, group, None])
+
+
+def _local_slots(indices, valid):
+  """Chunk ids [b, n, K] -> (the distinct valid ids per sequence [b, U], ids as positions in
+  that list [b, n, K]). U is rounded up to a power of two so few shapes get compiled."""
+  distinct = [np.unique(indices[i][valid[i]]) for i in range(len(indices))]
+  width = 1 << max(0, int(max(len(d) for d in distinct)) - 1).bit_length()
+  needed = np.zeros((len(indices), width), np.int32)
+  local = np.zeros(indices.shape, np.int32)
+  for i, ids in enumerate(distinct):
+    needed[i, :len(ids)] = ids
+    local[i][valid[i]] = np.searchsorted(ids, indices[i][valid[i]])
+  return needed, local
+
+
+# The jitted pieces, module-level with the (hashable) ModelConfig static, so every Decoder of a
+# model shares their compilations. Params are an argument, not a closure constant.
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _token_step(config: ModelConfig, params, state: DecodeState, tokens):
+  """One token per sequence (int [b]) -> (hidden [b, d], state). The landmark that follows a
+  chunk's last token is landmark_step's."""
+  batch = tokens.shape[0]
+
+  def run(m):
+    x = m.lower_layers(m.token_row(tokens))
+    slot = jnp.remainder(state.position, config.chunk_size)
+    chunk_rows = state.chunk_rows.at[jnp.arange(batch), slot].set(x[:, 0])
+    for g in range(config.num_groups):
+      x = m.upper_layers(g, x, state.active_kv[:, g], _active_slots(state.active, g))
+    return m.finish(x)[:, 0], chunk_rows
+
+  (hidden, chunk_rows), variables = DecodeDRT(config, "step").apply(
+      {"params": params, "cache": state.cache}, method=run, mutable=["cache"])
+  return hidden, state.replace(cache=variables["cache"], position=state.position + 1,
+                               chunk_rows=chunk_rows)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _landmark_step(config: ModelConfig, params, state: DecodeState, closes):
+  """The landmark row of the sequences where closes (bool [b]); the others are unchanged.
+
+  Encodes the finished chunk (its landmark key goes into the state) and runs each group's
+  retrieval from the landmark's hidden state; the landmark row itself is still served by the
+  previous retrieval, as in training. Returns (state with the new active retrieval, the chunk's
+  K/V [b, S, 2, heads, head_dim]); the caller refreshes active_kv.
+  """
+  batch = closes.shape[0]
+
+  def run(m):
+    x = m.lower_layers(m.landmark_row(batch))
+    chunk_rows = state.chunk_rows.at[:, -1].set(x[:, 0])
+    keys, kv = m.encode(chunk_rows[:, None])
+    rows, chunk = jnp.arange(batch), state.position // config.chunk_size
+    # Written in place, for the closing rows only: a select over all keys would cost O(capacity).
+    landmark_keys = state.landmark_keys.at[rows, chunk].set(
+        jnp.where(closes[:, None], keys[:, 0], state.landmark_keys[rows, chunk]))
+    selected = []
+    for g in range(config.num_groups):
+      selected.append(m.retrieve(g, x, landmark_keys, chunk))
+      x = m.upper_layers(g, x, state.active_kv[:, g], _active_slots(state.active, g))
+    return chunk_rows, landmark_keys, _stack_groups(selected), kv[:, 0]
+
+  (chunk_rows, landmark_keys, selected, kv), variables = DecodeDRT(config, "step").apply(
+      {"params": params, "cache": state.cache}, method=run, mutable=["cache"])
+  selected = jax.tree.map(lambda x: x[:, :, 0], selected)
+  new = state.replace(cache=variables["cache"], position=state.position + 1,
+                      chunk_rows=chunk_rows, active=selected)
+
+  def pick(after, before):
+    return jnp.where(closes.reshape((batch,) + (1,) * (after.ndim - 1)), after, before)
+
+  return jax.tree.map(pick, new, state).replace(landmark_keys=landmark_keys), kv
+
+
+def _landmark_rows(config: ModelConfig, x):
+  return x.reshape(x.shape[0], -1, config.chunk_size, config.d_model)[:, :, -1]
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("history",), donate_argnums=2)
+def _segment_start(config: ModelConfig, params, state: DecodeState, tokens, first_chunk, *,
+                   history: int):
+  """Whole chunks (int [b, n * chunk_len], chunks first_chunk ..) through the lower layers and the
+  chunk encoder, and group 0's retrieval at their landmarks.
+
+  Returns (rows [b, n * S, d], the chunks' K/V [b, n, S, 2, heads, head_dim], state with the
+  lower caches and landmark keys advanced, Retrieval [b, n, K]).
+  """
+  batch, length = tokens.shape
+  chunks = length // config.chunk_len
+  first = jnp.full((batch,), first_chunk, jnp.int32)
+
+  def run(m):
+    x = m.lower_layers(m.chunk_rows(tokens))
+    keys, kv = m.encode(x.reshape(batch, chunks, config.chunk_size, config.d_model))
+    landmark_keys = jax.lax.dynamic_update_slice_in_dim(state.landmark_keys, keys, first_chunk,
+                                                        axis=1)
+    return x, kv, landmark_keys, m.retrieve(0, _landmark_rows(config, x), landmark_keys, first)
+
+  (x, kv, landmark_keys, selected), variables = DecodeDRT(config, "segment", history).apply(
+      {"params": params, "cache": state.cache}, method=run, mutable=["cache"])
+  return x, kv, state.replace(cache=variables["cache"], landmark_keys=landmark_keys,
+                              position=state.position + length + chunks), selected
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("group", "history"))
+def _segment_group(config: ModelConfig, params, cache, x, kv, serving: Retrieval, landmark_keys,
+                   first_chunk, *, group: int, history: int):
+  """Group `group`'s upper layers over x [b, n * S, d] (serving indexes kv [b, m, ...]), then the
+  next group's retrieval -> (x, cache, Retrieval [b, n, K]); after the last group, the final
+  norm without landmark rows -> (hidden [b, n * chunk_len, d], cache, None)."""
+  batch = x.shape[0]
+  first = jnp.full((batch,), first_chunk, jnp.int32)
+
+  def run(m):
+    y = m.upper_layers(group, x, kv, serving)
+    if group + 1 < config.num_groups:
+      return y, m.retrieve(group + 1, _landmark_rows(config, y), landmark_keys, first)
+    return drop_landmarks(m.finish(y), config.chunk_size), None
+
+  (y, selected), variables = DecodeDRT(config, "segment", history).apply(
+      {"params": params, "cache": cache}, method=run, mutable=["cache"])
+  return y, variables["cache"], selected
+
+
+class Decoder:
+  """A model's compiled inference pieces, shared by the sessions it starts.
+
+  Args:
+    config: the model (arch "drt", learned retrieval).
+    params: its float32 params (unboxed), as trained.
+    max_len: the most tokens a sequence may hold (prompt + generated); sizes the landmark keys
+      and a device chunk store.
+    segment_len: tokens per batch-mode segment when feeding long inputs, a multiple of
+      chunk_len (longer segments: fewer host round trips, more activation memory).
+  """
+
+  def __init__(self, config: ModelConfig, params, *, max_len: int, segment_len: int):
+    if config.arch != "drt":
+      raise ConfigError(f"model.arch={config.arch!r}: incremental decoding needs 'drt'")
+    if config.retrieval != "learned":
+      raise ConfigError(f"model.retrieval={config.retrieval!r}: incremental decoding needs "
+                        "'learned' (random retrieval draws noise of the whole sequence's shape)")
+    if not isinstance(max_len, int) or max_len < 1:
+      raise ConfigError(f"max_len={max_len!r}: must be a positive integer")
+    c = config.chunk_len
+    if not isinstance(segment_len, int) or segment_len < c or segment_len % c:
+      raise ConfigError(f"segment_len={segment_len!r}: must be a positive multiple of "
+                        f"model.chunk_len={c}")
+    self.config = config
+    self.params = params
+    self.max_len = max_len
+    self.segment_len = segment_len
+    self.capacity = -(-max_len // c)
+    self.topk = min(config.topk, self.capacity)
+
+  def start(self, batch: int, chunk_memory: str = "device") -> "Session":
+    """A session of `batch` empty sequences; chunk_memory ("device" or "host") is where their
+    encoded chunks' K/V are kept."""
+    if chunk_memory not in CHUNK_MEMORIES:
+      raise ConfigError(f"chunk_memory={chunk_memory!r}: must be one of 'device', 'host'")
+    return Session(self, batch, chunk_memory)
+
+  def logits(self, hidden):
+    """hidden [..., d] -> float32 [..., vocab] (the tied head)."""
+    return tied_logits(hidden, self.params["embed"]["embedding"], self.config.compute_dtype)
+
+  def initial_state(self, batch: int) -> DecodeState:
+    c = self.config
+    groups, k, size = c.num_groups, self.topk, c.chunk_size
+    return DecodeState(
+        cache=init_cache(c, self.params, batch),
+        position=jnp.zeros((batch,), jnp.int32),
+        chunk_rows=jnp.zeros((batch, size, c.d_model), jnp.float32),
+        landmark_keys=jnp.zeros((batch, self.capacity, c.d_model), jnp.float32),
+        active=Retrieval(jnp.zeros((batch, groups, k), jnp.int32),
+                         jnp.zeros((batch, groups, k), jnp.float32),
+                         jnp.zeros((batch, groups, k), bool)),
+        active_kv=jnp.zeros((batch, groups, k) + self.chunk_shape, c.compute_dtype))
+
+  @property
+  def chunk_shape(self):
+    c = self.config
+    return (c.chunk_size, 2, c.num_heads, c.head_dim)
+
+  def new_store(self, batch: int, chunk_memory: str):
+    store = DeviceChunkStore if chunk_memory == "device" else HostChunkStore
+    return store(batch, self.capacity, self.chunk_shape, self.config.compute_dtype)
+
+
+class Session:
+  """The inference state of `batch` sequences. Not thread-safe; one decoder, many sessions."""
+
+  def __init__(self, decoder: Decoder, batch: int, chunk_memory: str):
+    self.decoder = decoder
+    self.batch = batch
+    self.lengths = np.zeros(batch, np.int64)  # tokens fed per sequence, known without a sync
+    self.state = decoder.initial_state(batch)
+    self.store = decoder.new_store(batch, chunk_memory)
+    # Per group and sequence: chunk ids each landmark retrieved (-1 = empty slot), in order.
+    self._retrieved = [[[] for _ in range(batch)] for _ in range(decoder.config.num_groups)]
+
+  @classmethod
+  def concatenate(cls, sessions: Sequence["Session"]) -> "Session":
+    """One session holding the sequences of all `sessions` (same decoder and chunk memory), in
+    order; they may be at different lengths. The sessions given are used up."""
+    first, rest = sessions[0], sessions[1:]
+    merged = cls.__new__(cls)
+    merged.decoder = first.decoder
+    merged.batch = sum(s.batch for s in sessions)
+    merged.lengths = np.concatenate([s.lengths for s in sessions])
+    merged.state = jax.tree.map(lambda *xs: jnp.concatenate(xs), *(s.state for s in sessions))
+    merged.store = first.store
+    merged.store.concatenate([s.store for s in rest])
+    merged._retrieved = [sum((s._retrieved[g] for s in sessions), [])
+                         for g in range(first.decoder.config.num_groups)]
+    return merged
+
+  def retrieved(self, group: int) -> list[np.ndarray]:
+    """Per sequence, int [chunks encoded, K]: the chunk ids each chunk's landmark retrieved in
+    `group` (they serve the chunk after it), -1 in empty slots."""
+    k = self.decoder.topk
+    return [np.concatenate(rows) if rows else np.zeros((0, k), np.int64)
+            for rows in self._retrieved[group]]
+
+  def feed(self, tokens) -> Iterator[tuple[int, jax.Array]]:
+    """Feeds int [batch, n] tokens, every sequence at the same length.
+
+    Returns an iterator of (offset, hidden [batch, m, d]): the final-normed hidden states of
+    tokens offset .. offset + m - 1 of this call (row t predicts token t + 1), piece by piece;
+    nothing is fed beyond what has been iterated. Inputs are checked at the call.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[0] != self.batch:
+      raise InputError(f"tokens of shape {tokens.shape}: expected [batch={self.batch}, length]")
+    if tokens.shape[1] == 0:
+      raise InputError("empty input: at least one token is needed")
+    if len(set(self.lengths.tolist())) != 1:
+      raise InputError(f"sequences hold {sorted(set(self.lengths.tolist()))} tokens: feed needs "
+                       "them all at one length (use step)")
+    self._check_room(tokens.shape[1])
+    return self._pieces(tokens)
+
+  def prefill(self, tokens):
+    """Feeds tokens (see feed); returns the hidden state of the last one, [batch, d]."""
+    for _, hidden in self.feed(tokens):
+      pass
+    return hidden[:, -1]
+
+  def step(self, tokens):
+    """One token per sequence (int [batch]) -> its hidden state [batch, d]."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.shape != (self.batch,):
+      raise InputError(f"tokens of shape {tokens.shape}: expected [batch={self.batch}]")
+    self._check_room(1)
+    d = self.decoder
+    hidden, self.state = _token_step(d.config, d.params, self.state, tokens)
+    self.lengths += 1
+    closes = self.lengths % d.config.chunk_len == 0
+    if closes.any():
+      self._landmark(closes)
+    return hidden
+
+  def _check_room(self, n: int):
+    longest = int(self.lengths.max()) + n
+    if longest > self.decoder.max_len:
+      raise InputError(f"{longest} tokens: longer than max_len={self.decoder.max_len}")
+
+  def _pieces(self, tokens):
+    c = self.decoder.config.chunk_len
+    done, total = 0, tokens.shape[1]
+    while done < total:
+      whole = (total - done) // c * c
+      if self.lengths[0] % c == 0 and whole:
+        size = min(whole, self.decoder.segment_len)
+        hidden = self._segment(tokens[:, done:done + size])
+      else:
+        size = 1
+        hidden = self.step(tokens[:, done])[:, None]
+      yield done, hidden
+      done += size
+
+  def _landmark(self, closes):
+    d = self.decoder
+    self.state, kv = _landmark_step(d.config, d.params, self.state, jnp.asarray(closes))
+    chunk = self.lengths // d.config.chunk_len - 1
+    self.store.write(kv[:, None], chunk, closes)
+    active = self.state.active  # [b, G, K]
+    for g in range(d.config.num_groups):
+      self._record(g, np.flatnonzero(closes), jax.tree.map(lambda x: x[:, g, None], active))
+    kv = self.store.gather(np.asarray(active.indices).reshape(self.batch, -1))
+    self.state = self.state.replace(active_kv=kv.reshape(self.state.active_kv.shape))
+
+  def _segment(self, tokens):
+    d, c = self.decoder, self.decoder.config
+    first = int(self.lengths[0]) // c.chunk_len
+    history = min(first * c.chunk_size, cache_len(c))
+    x, kv, state, selected = _segment_start(c, d.params, self.state, tokens, first,
+                                            history=history)
+    self.store.write(kv, np.full(self.batch, first), np.ones(self.batch, bool))
+    cache, active = state.cache, []
+    for g in range(c.num_groups):
+      # Chunk j is served by the retrieval at chunk j - 1's landmark; the segment's first chunk
+      # by the one carried from before the segment.
+      serving = Retrieval(*(jnp.concatenate([now[:, g, None], new[:, :-1]], axis=1)
+                            for now, new in zip(state.active, selected)))
+      needed, local = _local_slots(np.asarray(serving.indices), np.asarray(serving.valid))
+      active.append(jax.tree.map(lambda a: a[:, -1], selected))
+      self._record(g, np.arange(self.batch), selected)
+      x, cache, selected = _segment_group(
+          c, d.params, cache, x, self.store.gather(needed),
+          serving._replace(indices=jnp.asarray(local)), state.landmark_keys, first, group=g,
+          history=history)
+    active = _stack_groups(active)
+    kv = self.store.gather(np.asarray(active.indices).reshape(self.batch, -1))
+    self.state = state.replace(cache=cache, active=active,
+                               active_kv=kv.reshape(state.active_kv.shape))
+    self.lengths += tokens.shape[1]
+    return x
+
+  def _record(self, group: int, rows, selected: Retrieval):
+    """Keeps the chunk ids retrieved at landmarks (selected [b, n, K]) of sequences `rows`."""
+    indices = np.where(np.asarray(selected.valid), np.asarray(selected.indices), -1)
+    for i in rows:
+      self._retrieved[group][i].append(indices[i])

@@ -1,0 +1,195 @@
+"""Incremental decoding against the one-shot forward (REFERENCE_DRT.md §4); sampling; generate."""
+
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from drt_jax import config as config_lib
+from drt_jax import generate as generate_lib
+from drt_jax import inference
+from drt_jax import train_lib
+from drt_jax.model import lm
+from drt_jax.model.head import tied_logits
+from tests.helpers import model_config, random_tokens, small_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHUNKS = 8  # of chunk_len 7: 56 tokens
+SEGMENT = 14  # two chunks
+
+
+def decode_config():
+  """small_config (2 groups, chunk_len 7, window 12) with top-2 retrieval and init_std 0.1, where
+  retrieving a wrong chunk moves the logits by ~1 (at 0.02 only by ~1e-2)."""
+  config = small_config(topk=2, init_std=0.1)
+  config.data.seq_len = 7 * CHUNKS
+  return config
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = decode_config()
+  mc = model_config(config)
+  model = lm.make_model(mc)
+  params = nn.meta.unbox(lm.init_params(model, jax.random.key(0), 1, config.data.seq_len))
+  decoder = inference.Decoder(mc, params, max_len=7 * CHUNKS, segment_len=SEGMENT)
+  return model, params, decoder
+
+
+def _one_shot(model, params, tokens):
+  """Logits [b, T, vocab] and, per group, the retrieval sown at every chunk."""
+  hidden, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
+  logits = tied_logits(hidden, params["embed"]["embedding"], model.config.compute_dtype)
+  sown = [state["intermediates"][f"retrieval_{g}"][0] for g in range(model.config.num_groups)]
+  return np.asarray(logits), sown
+
+
+# How the 56 tokens go in: lengths of successive feed() calls; the rest one step() at a time.
+PLANS = {
+    "steps": [],  # every token, landmark and chunk boundary one step at a time
+    "segments": [56],  # four segments of two chunks: retrieval carried across segments
+    "ragged": [10, 25, 9],  # 10 = 1 chunk + 3 steps; 25 = 4 steps to a boundary, 2 segments...
+    "chunks": [7] * 8,  # one-chunk segments: each attends to a history shorter than the window
+}
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+  _, _, decoder = setup
+  tokens = np.asarray(random_tokens(1, 2, 7 * CHUNKS))
+  results = {}
+  for plan, feeds in PLANS.items():
+    for memory in inference.CHUNK_MEMORIES:
+      session = decoder.start(2, memory)
+      hidden, done = [], 0
+      for size in feeds:
+        hidden += [h for _, h in session.feed(tokens[:, done:done + size])]
+        done += size
+      hidden += [session.step(tokens[:, t])[:, None] for t in range(done, tokens.shape[1])]
+      logits = np.asarray(decoder.logits(jnp.concatenate(hidden, axis=1)))
+      results[plan, memory] = logits, session
+  return tokens, results
+
+
+@pytest.mark.parametrize("memory", inference.CHUNK_MEMORIES)
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_incremental_logits_equal_the_one_shot_forward(setup, runs, plan, memory):
+  model, params, _ = setup
+  tokens, results = runs
+  expected, _ = _one_shot(model, params, tokens)
+  np.testing.assert_allclose(results[plan, memory][0], expected, rtol=0, atol=1e-4)
+
+
+def test_retrieval_picks_the_chunks_of_the_batch_forward(setup, runs):
+  model, params, _ = setup
+  tokens, results = runs
+  _, sown = _one_shot(model, params, tokens)
+  for (plan, memory), (_, session) in results.items():
+    for g, batch_retrieval in enumerate(sown):
+      expected = np.where(batch_retrieval.valid, batch_retrieval.indices, -1)
+      for row, got in enumerate(session.retrieved(g)):
+        assert got.shape == expected[row].shape, (plan, memory)
+        np.testing.assert_array_equal(got, expected[row], err_msg=f"{plan} {memory} group {g}")
+  assert (expected >= 0).sum() > 10, "the check must cover real retrievals"
+
+
+def test_host_chunk_memory_gives_the_device_result(runs):
+  _, results = runs
+  for plan in PLANS:
+    np.testing.assert_array_equal(results[plan, "host"][0], results[plan, "device"][0])
+
+
+def test_ragged_batch_generation_follows_the_forward(setup):
+  model, params, decoder = setup
+  prompts = [np.asarray(random_tokens(seed, 1, n))[0] for seed, n in ((3, 3), (4, 6))]
+  new = 12  # both cross chunk boundaries at different steps
+  generated = generate_lib.generate(decoder, prompts, new, chunk_memory="host")
+  for prompt, row in zip(prompts, generated):
+    sequence = np.concatenate([prompt, row])
+    padded = np.pad(sequence, (0, -len(sequence) % 7))[None]
+    greedy = _one_shot(model, params, padded)[0][0].argmax(-1)
+    np.testing.assert_array_equal(row, greedy[len(prompt) - 1:len(sequence) - 1])
+
+
+def test_sampling_rules():
+  logits = jax.random.normal(jax.random.key(0), (512, 50)) * 3
+  rng = jax.random.key(1)
+  greedy = generate_lib.sample(logits, rng, temperature=0.0, top_k=0)
+  np.testing.assert_array_equal(greedy, np.argmax(logits, -1))
+  np.testing.assert_array_equal(generate_lib.sample(logits, rng, temperature=1.0, top_k=1), greedy)
+  drawn = np.asarray(generate_lib.sample(logits, rng, temperature=1.0, top_k=3))
+  top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+  assert all(d in t for d, t in zip(drawn, top3))
+  assert len(set(np.asarray(drawn - np.asarray(greedy)).tolist())) > 1, "top-3 must not be greedy"
+  np.testing.assert_array_equal(drawn, generate_lib.sample(logits, rng, temperature=1.0, top_k=3))
+  # Low temperature concentrates on the argmax, high temperature spreads out.
+  cold = generate_lib.sample(logits, rng, temperature=0.05, top_k=0)
+  hot = generate_lib.sample(logits, rng, temperature=100.0, top_k=0)
+  assert np.mean(np.asarray(cold) == np.asarray(greedy)) > 0.95
+  assert np.mean(np.asarray(hot) == np.asarray(greedy)) < 0.2
+
+
+def test_bad_inputs_are_named(setup):
+  _, _, decoder = setup
+  with pytest.raises(inference.InputError, match="prompt 1 is empty"):
+    generate_lib.generate(decoder, [[1, 2], []], 3)
+  with pytest.raises(inference.InputError, match="prompt 0 has 50 tokens: .* max_len=56"):
+    generate_lib.generate(decoder, [np.ones(50, np.int32)], 7)
+  with pytest.raises(inference.InputError, match="max_new_tokens=0"):
+    generate_lib.generate(decoder, [[1, 2]], 0)
+  session = decoder.start(1)
+  with pytest.raises(inference.InputError, match="57 tokens: longer than max_len=56"):
+    session.feed(np.ones((1, 57), np.int32))
+  with pytest.raises(inference.InputError, match="empty input"):
+    session.feed(np.ones((1, 0), np.int32))
+  mc = decoder.config
+  with pytest.raises(config_lib.ConfigError, match="segment_len=10: must be a positive multiple "
+                     "of model.chunk_len=7"):
+    inference.Decoder(mc, decoder.params, max_len=56, segment_len=10)
+  with pytest.raises(config_lib.ConfigError, match="chunk_memory='disk'"):
+    decoder.start(1, "disk")
+
+
+def save_initial_checkpoint(config, workdir, step=1):
+  """A train.py-style checkpoint (state item only) of a freshly initialised model."""
+  mc = config_lib.validate(config)
+  trainer = train_lib.Trainer(config, mc, train_lib.make_mesh(config.mesh))
+  state = trainer.init_state(config.seed)
+  manager = train_lib.checkpoint_manager(os.path.join(workdir, "checkpoints"), 1)
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  manager.wait_until_finished()
+  manager.close()
+  return state.params
+
+
+def test_restore_checks_the_config_and_the_cli_generates(tmp_path):
+  config = small_config()
+  params = save_initial_checkpoint(config, str(tmp_path))
+  restored = generate_lib.restore_params(config, str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, restored, params)
+  with pytest.raises(generate_lib.CheckpointError, match=r"\['embed'\]\['embedding'\] has shape "
+                     r"\(259, 32\), the config's model needs \(259, 48\)"):
+    generate_lib.restore_params(small_config(d_model=48), str(tmp_path))
+  with pytest.raises(generate_lib.CheckpointError, match="no checkpoint"):
+    generate_lib.restore_params(config, str(tmp_path / "checkpoints" / "1"))
+
+  script = ("import sys; sys.path.insert(0, {repo!r}); from tests.helpers import small_config\n"
+            "def get_config(): return small_config()\n").format(repo=REPO)
+  (tmp_path / "config.py").write_text(script)
+  command = [sys.executable, "-m", "drt_jax.generate", "--config", str(tmp_path / "config.py"),
+             "--checkpoint", str(tmp_path), "--max_new_tokens", "9", "--temperature", "0.8",
+             "--top_k", "5"]
+  result = subprocess.run(command + ["--prompt", "Hi"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("Hi") and len(result.stdout) > 3, result.stdout
+  result = subprocess.run(command + ["--prompt", "Hi", "--prompt", ""], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("error: --prompt: an empty prompt")
