@@ -18,7 +18,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -204,8 +203,8 @@ def evaluate_perplexity(decoder, settings: Settings, stream, progress=True) -> l
   return results
 
 
-def plot(results: dict, out: str) -> dict[str, str]:
-  """Draws the plots of `results` into temporary files; returns {final path: temporary path}."""
+def plot(results: dict, out: str) -> dict:
+  """The figures of `results`: {path beside `out`: matplotlib figure}."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -240,23 +239,25 @@ def plot(results: dict, out: str) -> dict[str, str]:
     ax.set(xscale="log", ylim=(-0.02, 1.02), xlabel="context length (tokens)",
            ylabel="accuracy", title=f"{results['task']}, trained on {results['train_len']} tokens")
     figures[base + "_accuracy.png"] = fig
-  written = {}
-  for path, fig in figures.items():
-    fig.tight_layout()
-    temporary = path + ".tmp.png"
-    fig.savefig(temporary, dpi=120)
-    plt.close(fig)
-    written[path] = temporary
-  return written
+  return figures
 
 
 def write(results: dict, out: str) -> list[str]:
-  """Writes the JSON and plots; all under temporary names first, renamed once all exist."""
-  pending = plot(results, out)
+  """Writes the plots and the JSON under temporary names, and renames them all once all exist,
+  so a failure leaves no partial output."""
+  import matplotlib.pyplot as plt
+
+  figures = plot(results, out)
+  pending = {}
   try:
-    with open(out + ".tmp", "w") as f:
-      json.dump(results, f, indent=2)
+    for path, fig in figures.items():
+      fig.tight_layout()
+      pending[path] = path + ".tmp.png"
+      fig.savefig(pending[path], dpi=120)
+      plt.close(fig)
     pending[out] = out + ".tmp"
+    with open(pending[out], "w") as f:
+      json.dump(results, f, indent=2)
     for final, temporary in pending.items():
       os.replace(temporary, final)
   finally:

@@ -117,6 +117,26 @@ def test_ragged_batch_generation_follows_the_forward(setup):
     np.testing.assert_array_equal(row, greedy[len(prompt) - 1:len(sequence) - 1])
 
 
+@pytest.mark.gpu
+def test_pallas_segments_match_the_forward_on_gpu():
+  """impl="pallas": segments run the Pallas kernels (steps the plain-JAX ops, decode.py). Also
+  passes on CPU in interpret mode (~40 s: too slow for CI); f32 Triton dots may use TF32."""
+  config = small_config(chunk_len=63, window=100, topk=4, init_std=0.1)  # S = 64, a kernel tile
+  config.data.seq_len = 63 * 12
+  xla = lm.make_model(model_config(config))
+  params = nn.meta.unbox(lm.init_params(xla, jax.random.key(0), 1, config.data.seq_len))
+  tokens = np.asarray(random_tokens(6, 2, config.data.seq_len))
+  config.model.impl = "pallas"
+  decoder = inference.Decoder(model_config(config), params, max_len=63 * 12, segment_len=63 * 4)
+  with jax.default_matmul_precision("highest"):
+    expected, _ = _one_shot(xla, params, tokens)
+    session = decoder.start(2, "host")
+    hidden = [h for _, h in session.feed(tokens[:, :700])]  # 3 segments, 7 steps
+    hidden += [session.step(tokens[:, t])[:, None] for t in range(700, tokens.shape[1])]
+    logits = np.asarray(decoder.logits(jnp.concatenate(hidden, axis=1)))
+  np.testing.assert_allclose(logits, expected, rtol=0, atol=2e-2)
+
+
 def test_sampling_rules():
   logits = jax.random.normal(jax.random.key(0), (512, 50)) * 3
   rng = jax.random.key(1)
