@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/tiny.py
 WORKDIR ?= runs/tiny
+ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: venv train test test-gpu clean-venv
@@ -26,7 +27,7 @@ $(VENV)/.installed: requirements.txt
 venv: $(VENV)/.installed
 
 train: venv
-	$(PY) -m drt_jax.train --config $(CONFIG) --workdir $(WORKDIR)
+	$(PY) -m drt_jax.train --config $(CONFIG) --workdir $(WORKDIR) $(ARGS)
 
 test: venv
 	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS) tests
