@@ -1,7 +1,9 @@
 """`python -m drt_jax.train --config configs/<name>.py --workdir DIR [--config.field=value]`.
 
-Parses and validates the config, builds or restores the state, then loops: step, log, eval,
-checkpoint. A second run in the same DIR resumes at the exact next batch.
+Starts JAX's multi-process runtime when launched as one of several processes (launch/README.md),
+parses and validates the config, builds or restores the state, then loops: step, log, eval,
+checkpoint. A second run in the same DIR resumes at the exact next batch. Only process 0 prints and
+writes metrics.
 """
 
 import json
@@ -15,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from drt_jax import config as config_lib
+from drt_jax import distributed
 from drt_jax import hardware
 from drt_jax import metrics as metrics_lib
 from drt_jax import train_lib
@@ -26,6 +29,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metric
 _STEPS_THIS_RUN = flags.DEFINE_integer(
     "steps_this_run", None, "Stop (with a checkpoint) after this many steps; a later run resumes. "
     "For jobs with a wall-clock limit.")
+# Multi-process runs (launch/README.md): all three, or none inside SLURM's srun (SLURM_* is read).
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's coordination service.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 
 # Sections whose change makes a checkpoint meaningless; train.* may change between restarts.
 _FROZEN_SECTIONS = ("model", "data", "seed")
@@ -46,8 +54,16 @@ def _check_same_experiment(config, workdir):
             f"{current[section]}); use another --workdir")
   elif jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
+    # Written whole under another name, then renamed: another process may be reading it already.
+    with open(path + ".tmp", "w") as f:
       json.dump(config.to_dict() | current, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def _say(message: str):
+  """Prints on process 0 only, above the progress bar."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message)
 
 
 def _evaluate(trainer, compiled_eval, params, eval_batches):
@@ -63,6 +79,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
           steps_this_run: int | None = None) -> dict:
   """Runs (or resumes) training to config.train.num_train_steps, or for `steps_this_run` steps;
   returns the metrics logged last."""
+  distributed.check_same_config(config, workdir)  # first: validation errors then agree everywhere
   model_config = config_lib.validate(config)
   pipeline.validate_data_config(config.data)
   main_process = jax.process_index() == 0
@@ -77,14 +94,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                                          config.train.keep_checkpoints)
   if manager.latest_step() is not None:
     state = train_lib.restore_checkpoint(manager, trainer.abstract_state, train_iter)
-    print(f"resumed from {workdir} at step {int(state.step)}")
+    _say(f"resumed from {workdir} at step {int(state.step)}")
   else:
     state = trainer.init_state(config.seed)
   start = int(state.step)
   total_steps = config.train.num_train_steps
   if start >= total_steps:
-    print(f"{workdir} is already at step {start} >= train.num_train_steps={total_steps}; nothing "
-          "to do (raise --config.train.num_train_steps to continue)")
+    _say(f"{workdir} is already at step {start} >= train.num_train_steps={total_steps}; nothing "
+         "to do (raise --config.train.num_train_steps to continue)")
     manager.close()
     return {}
   stop = total_steps if steps_this_run is None else min(total_steps, start + steps_this_run)
@@ -94,6 +111,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       sharding=trainer.batch_sharding)}
   compiled_step = trainer.compile_train_step(trainer.abstract_state, batch_spec)
   compiled_eval = trainer.compile_eval_step(trainer.abstract_state.params, batch_spec)
+  distributed.barrier("compiled")
   if main_process:
     memory = compiled_step.memory_analysis()
     if memory is not None:
@@ -135,9 +153,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         eval_metrics = _evaluate(trainer, compiled_eval, state.params, eval_batches)
         writer.write(step + 1, eval_metrics)
         last = {**last, **eval_metrics}
-        bar.write(f"step {step + 1}: eval_loss {eval_metrics['eval_loss']:.4f}")
+        _say(f"step {step + 1}: eval_loss {eval_metrics['eval_loss']:.4f}")
   except KeyboardInterrupt:
-    bar.write(f"interrupted: saving step {int(state.step)} before exiting")
+    _say(f"interrupted: saving step {int(state.step)} before exiting")
     train_lib.save_checkpoint(manager, state, train_iter)
     raise
   finally:
@@ -165,8 +183,9 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
   try:
+    distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train(_CONFIG.value, _WORKDIR.value, steps_this_run=_STEPS_THIS_RUN.value)
-  except (config_lib.ConfigError, pipeline.DataError) as error:
+  except (config_lib.ConfigError, pipeline.DataError, distributed.LaunchError) as error:
     raise SystemExit(f"error: {error}") from None
 
 

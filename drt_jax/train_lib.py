@@ -2,6 +2,8 @@
 the jitted train/eval steps and checkpointing (params, optimizer and data iterator together)."""
 
 import dataclasses
+import glob
+import json
 import os
 from typing import Any
 
@@ -196,9 +198,22 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_iter
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, data_iterator, step=None):
-  """Restores state (with the abstract state's shardings) and rewinds the iterator in place."""
+  """Restores state (resharded to the abstract state's shardings: any mesh, any number of
+  processes) and rewinds the iterator in place."""
   step = manager.latest_step() if step is None else step
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(data_iterator)))
+  # grain keeps one file per process, named by index and count, in orbax's <dir>/<step>/data.
+  data_dir = os.path.join(manager.directory, str(step), "data")
+  own_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  args = {"state": ocp.args.StandardRestore(abstract_state)}
+  if os.path.exists(os.path.join(data_dir, own_file)):
+    args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**args))
+  if "data" not in args:
+    # Saved by another number of processes. Every process's iterator stood at the same batch
+    # index (data/pipeline.py splits each global batch by rows), so process 0's state is anyone's.
+    saved = glob.glob(os.path.join(data_dir, "process_0-of-*.json"))
+    if not saved:
+      raise FileNotFoundError(f"{data_dir}: no data-iterator state (process_0-of-N.json)")
+    with open(saved[0]) as f:
+      data_iterator.set_state(json.load(f))
   return restored.state
