@@ -8,6 +8,7 @@ inside `jax.shard_map`.
 """
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -26,11 +27,14 @@ def _per_batch_shard(kernel, batched_args, shared_args=()):
   """Runs kernel(*batched_args, *shared_args) on each batch shard of the ambient mesh.
 
   batched_args lead with the batch axis (split over BATCH_AXES); shared_args are replicated.
+  Training batches always split evenly (train_lib.check_batch_divisibility).
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or all(mesh.shape.get(axis, 1) == 1 for axis in BATCH_AXES):
-    return kernel(*batched_args, *shared_args)
   axes = tuple(axis for axis in BATCH_AXES if axis in mesh.shape)
+  shards = 1 if mesh.empty else math.prod(mesh.shape[axis] for axis in axes)
+  # A batch that does not split evenly (the batch-1 trace that initialises params) runs whole.
+  if shards == 1 or batched_args[0].shape[0] % shards:
+    return kernel(*batched_args, *shared_args)
   in_specs = (P(axes),) * len(batched_args) + (P(),) * len(shared_args)
   return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=P(axes),
                        check_vma=False)(*batched_args, *shared_args)
