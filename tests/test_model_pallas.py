@@ -1,11 +1,17 @@
 """The model's impl="pallas" path (kernels in interpret mode on CPU) against impl="xla"."""
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import numpy as np
 
 from drt_jax.model import lm
 from tests.helpers import model_config, random_tokens, small_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_pallas_path_matches_xla_path_forward_and_gradients():
@@ -28,3 +34,34 @@ def test_pallas_path_matches_xla_path_forward_and_gradients():
     g_pallas = dict(jax.tree_util.tree_leaves_with_path(grads_pallas))[path]
     error = np.linalg.norm(g_pallas - g_xla) / max(np.linalg.norm(g_xla), 1e-12)
     assert error < 1e-4, (jax.tree_util.keystr(path), error)
+
+
+_SHARDED_PALLAS_STEP = """
+import sys
+sys.path.insert(0, {repo!r})
+import jax, numpy as np
+from drt_jax import config as config_lib, train_lib
+from tests.helpers import small_config
+config = small_config(chunk_len=31, window=40, topk=2, impl="{impl}")
+config.data.seq_len = 31 * 4
+config.train.global_batch_size = 4
+config.mesh.data, config.mesh.fsdp = 2, 2
+trainer = train_lib.Trainer(config, config_lib.validate(config), train_lib.make_mesh(config.mesh))
+state = trainer.init_state(0)
+tokens = np.random.default_rng(0).integers(0, 257, (4, 124), dtype=np.int32)
+batch = trainer.global_batch({{"inputs": tokens}})
+state, metrics = trainer.compile_train_step(state, batch)(state, batch)
+print(repr(float(metrics["loss"])))
+"""
+
+
+def test_pallas_kernels_run_per_shard_on_a_data_fsdp_mesh():
+  # Kernels run under shard_map on a 2 x 2 mesh (and the batch-1 init trace runs whole).
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  losses = {}
+  for impl in ("xla", "pallas"):
+    script = _SHARDED_PALLAS_STEP.format(repo=REPO, impl=impl)
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, timeout=600,
+                            capture_output=True, text=True, check=True)
+    losses[impl] = float(result.stdout.strip().splitlines()[-1])
+  np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
