@@ -127,10 +127,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   last = {}
   pending = None  # metrics of the step before, logged one step late so the host never waits
   interval_start, interval_steps = time.perf_counter(), 0
+  data_state = None
   try:
     for step in range(start, stop):
+      data_state = train_iter.get_state()  # to rewind to if Ctrl-C lands before the step is done
       batch = trainer.global_batch(next(train_iter))
       state, step_metrics = compiled_step(state, batch)
+      data_state = None
       if pending is not None:
         last = _log_step(writer, bar, *pending)
       interval_steps += 1
@@ -155,8 +158,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         last = {**last, **eval_metrics}
         _say(f"step {step + 1}: eval_loss {eval_metrics['eval_loss']:.4f}")
   except KeyboardInterrupt:
-    _say(f"interrupted: saving step {int(state.step)} before exiting")
-    train_lib.save_checkpoint(manager, state, train_iter)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    if not any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
+      _say(f"interrupted: saving step {int(state.step)} before exiting")
+      train_lib.save_checkpoint(manager, state, train_iter)
     raise
   finally:
     manager.wait_until_finished()
@@ -187,6 +193,8 @@ def main(argv):
     train(_CONFIG.value, _WORKDIR.value, steps_this_run=_STEPS_THIS_RUN.value)
   except (config_lib.ConfigError, pipeline.DataError, distributed.LaunchError) as error:
     raise SystemExit(f"error: {error}") from None
+  except KeyboardInterrupt:
+    raise SystemExit(130) from None  # the loop has already saved and said so
 
 
 if __name__ == "__main__":
