@@ -5,7 +5,6 @@ allowed, so a bad ablation fails in a second instead of deep inside a trace.
 """
 
 import dataclasses
-import math
 from typing import Any
 
 import jax.numpy as jnp

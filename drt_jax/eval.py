@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 import tqdm
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from drt_jax import config as config_lib
 from drt_jax import generate as generate_lib
@@ -39,10 +38,9 @@ TASKS = ("ppl",) + tasks_lib.TASKS
 
 def _define_flags():
   # Defined only when run as a program: eval.py and generate.py are also imported as libraries.
-  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  generate_lib.define_session_flags("Longest length accepted (default: the longest of --lengths); "
+                                    "sizes the landmark keys on the device.")
   flags.DEFINE_enum("task", None, list(TASKS), "What to evaluate.")
-  flags.DEFINE_string("checkpoint", None, "Run folder (train.py --workdir) or its checkpoints/ "
-                      "folder; the latest step is used.")
   flags.DEFINE_string("lengths", None, "Comma-separated context lengths in tokens.")
   flags.DEFINE_string("out", None, "Results JSON; plots are written beside it.")
   flags.DEFINE_string("samples", "50", "Task samples per length, spread evenly over the depths "
@@ -53,12 +51,6 @@ def _define_flags():
   flags.DEFINE_integer("stride", 0, "ppl: 0 = non-overlapping windows; s > 0 = a window every s "
                        "tokens, scoring its last s tokens (the first window: all).")
   flags.DEFINE_integer("batch", 8, "Sequences decoded together.")
-  flags.DEFINE_integer("max_len", None, "Longest length accepted (default: the longest of "
-                       "--lengths); sizes the landmark keys on the device.")
-  flags.DEFINE_integer("segment_len", None, "Tokens per prefill segment (default: data.seq_len, "
-                       "the training length).")
-  flags.DEFINE_enum("chunk_memory", "device", list(inference.CHUNK_MEMORIES),
-                    "Where the chunk K/V memory lives ('host' for long contexts).")
   flags.DEFINE_integer("seed", 0, "Seed of the samples (haystack offsets, values, needles).")
 
 

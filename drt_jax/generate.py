@@ -27,22 +27,27 @@ from drt_jax.data import tokenizer as tokenizer_lib
 from drt_jax.model import lm
 
 
-def _define_flags():
-  # Defined only when run as a program: generate.py is also imported as a library (eval.py).
+def define_session_flags(max_len_help: str):
+  """Flags every inference program shares: config, checkpoint and the decoding session's sizes."""
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_string("checkpoint", None, "Run folder (train.py --workdir) or its checkpoints/ "
                       "folder; the latest step is used.")
+  flags.DEFINE_integer("max_len", None, max_len_help)
+  flags.DEFINE_integer("segment_len", None, "Tokens per prefill segment (default: data.seq_len, "
+                       "the training length).")
+  flags.DEFINE_enum("chunk_memory", "device", list(inference.CHUNK_MEMORIES),
+                    "Where the chunk K/V memory lives ('host' for long contexts).")
+
+
+def _define_flags():
+  # Defined only when run as a program: generate.py is also imported as a library (eval.py).
+  define_session_flags("Longest prompt + generation accepted (default: the longest prompt + "
+                       "max_new_tokens).")
   flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat for a batch.")
   flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per prompt.")
   flags.DEFINE_float("temperature", 0.0, "0 = greedy; else sample softmax(logits / T).")
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_integer("max_len", None, "Longest prompt + generation accepted (default: the "
-                       "longest prompt + max_new_tokens).")
-  flags.DEFINE_integer("segment_len", None, "Tokens per prefill segment (default: data.seq_len, "
-                       "the training length).")
-  flags.DEFINE_enum("chunk_memory", "device", list(inference.CHUNK_MEMORIES),
-                    "Where the chunk K/V memory lives.")
 
 
 class CheckpointError(ValueError):
