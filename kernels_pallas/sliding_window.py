@@ -227,6 +227,19 @@ def _three_range_loop(body, bounds, carry):
 # within a few blocks of r0, so no precision is lost at long lengths.
 
 
+def _key_block_scores(q, k_ref, v_ref, q0, k0, cols, slope, *, scale, alibi, precision):
+  """Loads key block k0 and returns (k, v, base-2 scores of q against it incl. the key-side ALiBi).
+
+  The query-side ALiBi term cancels in the softmax (it lives in the saved log-sum-exp instead).
+  """
+  k = k_ref[pl.ds(k0, cols.shape[0]), :]
+  v = v_ref[pl.ds(k0, cols.shape[0]), :]
+  s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * _LOG2E)
+  if alibi:
+    s = s + (slope * (k0 - q0 + cols).astype(jnp.float32))[None, :]
+  return k, v, s
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, lse_ref, *, scale, window, block_k, alibi):
   """One query block [block_q, head_dim] against its window of k_ref/v_ref [length, head_dim]."""
   block_q = q_ref.shape[0]
@@ -240,11 +253,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, lse_ref, *, scale, window
   def body(kb, carry, *, masked):
     acc, row_max, row_sum = carry
     k0 = kb * block_k
-    k = k_ref[pl.ds(k0, block_k), :]
-    v = v_ref[pl.ds(k0, block_k), :]
-    s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * _LOG2E)
-    if alibi:
-      s = s + (slope * (k0 - q0 + cols).astype(jnp.float32))[None, :]
+    k, v, s = _key_block_scores(q, k_ref, v_ref, q0, k0, cols, slope, scale=scale, alibi=alibi,
+                                precision=precision)
     if masked:
       s = jnp.where(_visible(q0 + rows, k0 + cols, window), s, _MASK_VALUE)
     new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
@@ -330,11 +340,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref, dq_re
 
   def body(kb, dq, *, masked):
     k0 = kb * block_k
-    k = k_ref[pl.ds(k0, block_k), :]
-    v = v_ref[pl.ds(k0, block_k), :]
-    s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * _LOG2E)
-    if alibi:
-      s = s + (slope * (k0 - q0 + cols).astype(jnp.float32))[None, :]
+    k, v, s = _key_block_scores(q, k_ref, v_ref, q0, k0, cols, slope, scale=scale, alibi=alibi,
+                                precision=precision)
     s = s - lse[:, None]
     if masked:
       s = jnp.where(_visible(q0 + rows, k0 + cols, window), s, -jnp.inf)
