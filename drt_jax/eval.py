@@ -21,8 +21,9 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
-from absl import app, flags, logging
+from absl import app, flags
 
+from drt_jax import cli
 from drt_jax import config as config_lib
 from drt_jax import generate as generate_lib
 from drt_jax import inference
@@ -288,10 +289,7 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, settings: Settings,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  cli.start(argv)
   f = flags.FLAGS
   try:
     settings = Settings(

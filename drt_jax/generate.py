@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+from drt_jax import cli
 from drt_jax import config as config_lib
 from drt_jax import inference
 from drt_jax.data import DataError
@@ -164,10 +165,7 @@ def generate(decoder: inference.Decoder, prompts: Sequence, max_new_tokens: int,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  cli.start(argv)
   f = flags.FLAGS
   try:
     check_sampling(f.max_new_tokens, f.temperature, f.top_k)

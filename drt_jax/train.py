@@ -13,9 +13,10 @@ import time
 import jax
 import ml_collections
 import tqdm
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+from drt_jax import cli
 from drt_jax import config as config_lib
 from drt_jax import distributed
 from drt_jax import hardware
@@ -182,12 +183,9 @@ def _log_step(writer, bar, step, step_metrics, timing):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.start(argv)
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
   try:
     distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train(_CONFIG.value, _WORKDIR.value, steps_this_run=_STEPS_THIS_RUN.value)
