@@ -1,6 +1,7 @@
 """Everything the training loop needs, importable and testable: mesh, sharded state, optimizer,
 the jitted train/eval steps and checkpointing (params, optimizer and data iterator together)."""
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -101,8 +102,11 @@ class Trainer:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.optimizer.init(params))
 
+  @contextlib.contextmanager
   def _context(self):
-    return _MeshContext(self.mesh, self.rules)
+    """Mesh and logical axis rules active while tracing (activation sharding constraints)."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
 
   def init_state(self, seed: int) -> TrainState:
     with self._context():
@@ -165,23 +169,6 @@ class Trainer:
                      in_shardings=(self.state_shardings.params, self.batch_sharding),
                      out_shardings=self.replicated)
       return step.lower(params, batch).compile()
-
-
-class _MeshContext:
-  """Mesh and logical axis rules active while tracing (activation sharding constraints)."""
-
-  def __init__(self, mesh, rules):
-    self.mesh, self.rules = mesh, rules
-
-  def __enter__(self):
-    self._mesh_ctx = jax.set_mesh(self.mesh)
-    self._rules_ctx = nn.logical_axis_rules(self.rules)
-    self._mesh_ctx.__enter__()
-    self._rules_ctx.__enter__()
-
-  def __exit__(self, *exc):
-    self._rules_ctx.__exit__(*exc)
-    self._mesh_ctx.__exit__(*exc)
 
 
 def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
