@@ -145,6 +145,7 @@ def evaluate_retrieval(decoder, builder, settings: Settings, stream, progress=Tr
         answers = generate_lib.generate(decoder, [x.prompt for x in batch], answer_len,
                                         chunk_memory=s.chunk_memory)
         hits += [tasks_lib.exact_match(x, a) for x, a in zip(batch, answers)]
+        bar.set_postfix(accuracy=f"{np.mean(hits):.3f}", refresh=False)
         bar.update(len(batch))
     hits = np.asarray(hits).reshape(len(depths), per_depth)
     results.append({"length": length, "accuracy": float(hits.mean()), "samples": hits.size,
