@@ -26,6 +26,7 @@ def get_config():
 
   data = config.data
   data.seq_len = 63 * 64  # 4032 tokens
+  data.eval_fraction = 0.15  # pydoc_data is ~0.5M tokens: enough held out for eval batches
   data.task_fraction = 0.5  # half the samples hold a passkey needle, question and answer
   data.tasks = "passkey"
 

@@ -11,6 +11,7 @@ import os
 import time
 
 import jax
+import numpy as np
 import ml_collections
 import tqdm
 from absl import app, flags
@@ -67,13 +68,20 @@ def _say(message: str):
     tqdm.tqdm.write(message)
 
 
-def _evaluate(trainer, compiled_eval, params, eval_batches):
+def _evaluate(trainer, compiled_eval, params, eval_batches, task_steps):
+  """Held-out loss and, per mixed-in task, the teacher-forced answers' exact-match accuracy
+  (every answer token right) and token accuracy. task_steps: {task: (compiled step, batch)}."""
   total = count = 0.0
   for batch in eval_batches:
     loss_sum, tokens = compiled_eval(params, trainer.global_batch(batch))
     total, count = total + float(loss_sum), count + float(tokens)
   loss = total / count
-  return {"eval_loss": loss, "eval_perplexity": float(jax.numpy.exp(loss))}
+  metrics = {"eval_loss": loss, "eval_perplexity": float(jax.numpy.exp(loss))}
+  for task, (step, batch) in task_steps.items():
+    hits = np.asarray(step(params, trainer.global_batch(batch)))
+    metrics[f"eval_{task}_accuracy"] = float(hits.min(axis=1).mean())
+    metrics[f"eval_{task}_token_accuracy"] = float(hits.mean())
+  return metrics
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
@@ -112,6 +120,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       sharding=trainer.batch_sharding)}
   compiled_step = trainer.compile_train_step(trainer.abstract_state, batch_spec)
   compiled_eval = trainer.compile_eval_step(trainer.abstract_state.params, batch_spec)
+  task_steps = {
+      task: (trainer.compile_answer_step(trainer.abstract_state.params, _spec_of(trainer, batch)),
+             batch)
+      for task, batch in pipeline.make_task_eval_batches(
+          config, process_index=jax.process_index(),
+          process_count=jax.process_count()).items()}
   distributed.barrier("compiled")
   if main_process:
     memory = compiled_step.memory_analysis()
@@ -154,10 +168,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       if (step + 1) % config.train.eval_every == 0 or step + 1 == stop:
         if pending is not None:
           last, pending = _log_step(writer, bar, *pending), None
-        eval_metrics = _evaluate(trainer, compiled_eval, state.params, eval_batches)
+        eval_metrics = _evaluate(trainer, compiled_eval, state.params, eval_batches, task_steps)
         writer.write(step + 1, eval_metrics)
         last = {**last, **eval_metrics}
-        _say(f"step {step + 1}: eval_loss {eval_metrics['eval_loss']:.4f}")
+        _say(f"step {step + 1}: " + ", ".join(
+            f"{name} {value:.4f}" for name, value in eval_metrics.items()
+            if name == "eval_loss" or name.endswith("_accuracy")))
   except KeyboardInterrupt:
     if data_state is not None:
       train_iter.set_state(data_state)
@@ -171,6 +187,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     writer.close()
     bar.close()
   return last
+
+
+def _spec_of(trainer, local_batch: dict) -> dict:
+  """Global shapes of a host-local batch, sharded as trainer.global_batch shards it."""
+  processes = jax.process_count()
+  return {name: jax.ShapeDtypeStruct((value.shape[0] * processes,) + value.shape[1:],
+                                     value.dtype, sharding=trainer.batch_sharding)
+          for name, value in local_batch.items()}
 
 
 def _log_step(writer, bar, step, step_metrics, timing):

@@ -170,6 +170,17 @@ class Trainer:
                      out_shardings=self.replicated)
       return step.lower(params, batch).compile()
 
+  def compile_answer_step(self, params, batch: dict):
+    """AOT-compiled task eval: (params, {"inputs", "answer_start", "answer"}) -> float32
+    [batch, A], 1 where a teacher-forced greedy answer token is right (lm.answer_hits)."""
+    eval_rng = jax.random.key(self.config.seed + 1)
+    with self._context():
+      step = jax.jit(lambda p, b: lm.answer_hits(self.model, p, b["inputs"], b["answer_start"],
+                                                 b["answer"], rng=eval_rng),
+                     in_shardings=(self.state_shardings.params, self.batch_sharding),
+                     out_shardings=self.replicated)
+      return step.lower(params, batch).compile()
+
 
 def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
   """Async, keep-N manager. Orbax writes each step into a temporary folder and renames it when

@@ -313,3 +313,33 @@ class TestValidation:
   def test_batch_must_split_over_processes(self, tmp_path):
     with pytest.raises(ValueError, match="train.global_batch_size=16: must be a positive multiple"):
       pipeline.make_train_iterator(_config(tmp_path), process_index=0, process_count=3)
+
+
+class TestTaskEvalBatches:
+
+  def test_answers_sit_at_answer_start_at_spread_depths(self, tmp_path):
+    config = _config(tmp_path, task_fraction=0.5, tasks="passkey,multihop")
+    batches = pipeline.make_task_eval_batches(config)
+    assert list(batches) == ["passkey", "multihop"]
+    tokenizer = tokenizer_lib.ByteTokenizer()
+    for task, batch in batches.items():
+      assert batch["inputs"].shape == (16, 240) and batch["answer_start"].shape == (16,)
+      for tokens, start, answer in zip(batch["inputs"], batch["answer_start"], batch["answer"]):
+        assert start % config.model.chunk_len == 1
+        np.testing.assert_array_equal(tokens[start:start + len(answer)], answer)
+        assert tokenizer.decode(tokens[:start]).endswith(" is ")
+    needles = [tokenizer.decode(t).find("|The passkey is ") for t in batches["passkey"]["inputs"]]
+    assert needles == sorted(needles) and needles[0] == 0 and needles[-1] > 150  # depths 0 .. 1
+    again = pipeline.make_task_eval_batches(config)["passkey"]
+    np.testing.assert_array_equal(again["inputs"], batches["passkey"]["inputs"])
+
+  def test_process_rows_make_the_global_batch(self, tmp_path):
+    config = _config(tmp_path, task_fraction=1.0)
+    whole = pipeline.make_task_eval_batches(config)["passkey"]
+    parts = [pipeline.make_task_eval_batches(config, process_index=p, process_count=2)["passkey"]
+             for p in range(2)]
+    for name in whole:
+      np.testing.assert_array_equal(np.concatenate([p[name] for p in parts]), whole[name])
+
+  def test_none_without_tasks(self, tmp_path):
+    assert pipeline.make_task_eval_batches(_config(tmp_path)) == {}

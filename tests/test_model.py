@@ -153,3 +153,21 @@ def test_loss_skips_the_last_token_and_respects_the_target_mask():
   assert int(count) == 2
   np.testing.assert_allclose(float(total), float(nll[:, 9][jnp.arange(2), tokens[:, 10]].sum()),
                              rtol=1e-5)
+
+
+def test_answer_hits_score_the_teacher_forced_argmax():
+  config = small_config()
+  model, params = _build(config)
+  tokens = np.array(random_tokens(9, 4, config.data.seq_len))
+  predicted = np.argmax(np.asarray(lm.logits(model, params, jnp.asarray(tokens))), axis=-1)
+  starts = np.array([8, 15, 22, 36])
+  answer = np.array(random_tokens(10, 4, 3))
+  answer[0] = predicted[0, 7:10]  # row 0 all right, row 1 right at its second token only
+  answer[1, 1] = predicted[1, 15]
+  answer[1, [0, 2]] = (predicted[1, [14, 16]] + 1) % 257
+  hits = lm.answer_hits(model, params, jnp.asarray(tokens), jnp.asarray(starts),
+                        jnp.asarray(answer), rng=jax.random.key(0))
+  rows = starts[:, None] - 1 + np.arange(3)
+  expected = np.take_along_axis(predicted, rows, axis=1) == answer
+  np.testing.assert_array_equal(np.asarray(hits), expected.astype(np.float32))
+  assert expected[0].all() and expected[1].tolist() == [False, True, False]

@@ -38,10 +38,13 @@ def test_loss_falls_on_tiny(tmp_path):
   config.data.seq_len = 7 * 16
   config.train.learning_rate = 3e-3
   config.train.eval_every = 150
+  config.data.task_fraction = 0.25  # also reports the held-out passkey answers' accuracy
   train_main.train(config, str(tmp_path), progress=False)
   records = metrics_lib.read_metrics(str(tmp_path))
   first = records[0]["loss"]
-  final_eval = [r["eval_loss"] for r in records if "eval_loss" in r][-1]
+  final = [r for r in records if "eval_loss" in r][-1]
+  final_eval = final["eval_loss"]
+  assert 0 <= final["eval_passkey_accuracy"] <= final["eval_passkey_token_accuracy"] <= 1
   assert first > 4.5, first  # ~ln(257) at init
   assert final_eval < first - 1.5, (first, final_eval)
   assert os.listdir(tmp_path / "tensorboard")

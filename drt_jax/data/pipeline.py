@@ -13,6 +13,8 @@ fine-tuning mixture (§7.5).
 
 Eval (REFERENCE_DRT.md §7.1, stride -1): window k is tokens[k * T, (k + 1) * T) of the held-out
 stream; global eval batch b holds windows b * global_batch + row, split across processes as above.
+With tasks mixed in, a held-out batch of task samples per kind also measures the answers'
+accuracy (make_task_eval_batches).
 """
 
 import os
@@ -138,6 +140,35 @@ def make_eval_batches(config, num_batches: int, *, process_index: int = 0,
   windows = windows.reshape(num_batches, global_batch, seq_len)
   rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
   return [{"inputs": np.asarray(batch[rows], np.int32)} for batch in windows]
+
+
+def make_task_eval_batches(config, *, process_index: int = 0,
+                           process_count: int = 1) -> dict[str, dict[str, np.ndarray]]:
+  """Per task of data.tasks (when data.task_fraction > 0), one held-out global batch of task
+  samples of the training length: {task: {"inputs": int32 [local_batch, T], "answer_start":
+  int32 [local_batch], "answer": int32 [local_batch, answer tokens]}}. Row r of the global
+  batch puts the needle at depth r / (rows - 1) in the haystack of held-out window r (the stream
+  repeats if it is short); the same on every call.
+  """
+  if not config.data.task_fraction:
+    return {}
+  local_batch = _local_batch(config, process_index, process_count)
+  global_batch, seq_len = config.train.global_batch_size, config.data.seq_len
+  tokens = _load_corpus(config).eval.array()
+  builder = tasks_lib.TaskBuilder(tokenizer_lib.make_tokenizer(config.data.tokenizer),
+                                  config.model.chunk_len)
+  depths = np.linspace(0.0, 1.0, global_batch)
+  rows = range(process_index * local_batch, (process_index + 1) * local_batch)
+  batches = {}
+  for t, task in enumerate(_task_names(config.data)):
+    samples = [builder.make(task, np.take(tokens, np.arange(r * seq_len, (r + 1) * seq_len),
+                                          mode="wrap"),
+                            np.random.default_rng([config.seed, t, r, 2]), depths[r])
+               for r in rows]
+    batches[task] = {"inputs": np.stack([x.tokens for x in samples]),
+                     "answer_start": np.array([x.answer_start for x in samples], np.int32),
+                     "answer": np.stack([x.answer for x in samples])}
+  return batches
 
 
 def _local_batch(config, process_index: int, process_count: int) -> int:

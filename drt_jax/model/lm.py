@@ -41,3 +41,18 @@ def logits(model: nn.Module, params, tokens, *, train: bool = False, rng=None):
   rng = jax.random.key(0) if rng is None else rng
   hidden = model.apply({"params": params}, tokens, train=train, rngs={"gumbel": rng})
   return tied_logits(hidden, params["embed"]["embedding"], model.config.compute_dtype)
+
+
+def answer_hits(model: nn.Module, params, tokens, answer_start, answer, *, rng):
+  """Teacher-forced greedy answers of task samples, scored without noise.
+
+  tokens: int [batch, T] holding the answers; answer_start: int [batch], where each answer
+  begins; answer: int [batch, A]. Returns float32 [batch, A]: 1 where the argmax at row
+  answer_start + i - 1 is answer token i.
+  """
+  hidden = model.apply({"params": params}, tokens, train=False, rngs={"gumbel": rng})
+  rows = answer_start[:, None] - 1 + jnp.arange(answer.shape[1])
+  hidden = jnp.take_along_axis(hidden, rows[..., None], axis=1)
+  predicted = jnp.argmax(tied_logits(hidden, params["embed"]["embedding"],
+                                     model.config.compute_dtype), axis=-1)
+  return (predicted == answer).astype(jnp.float32)
