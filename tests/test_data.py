@@ -115,6 +115,16 @@ class TestSources:
     assert (stream == 256).sum() > 50  # one eos per topic
     assert corpus.train.stop == corpus.eval.start == len(stream) - int(len(stream) * 0.05)
 
+  def test_pystdlib(self, tmp_path):
+    config = _config(tmp_path, source="pystdlib")
+    corpus = sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
+    stream = _stream(corpus)
+    files = sources.python_stdlib_files()
+    assert len(files) > 100 and all(f.endswith(".py") and "-packages" not in f for f in files)
+    assert len(stream) > 2_000_000
+    first = open(files[0], "rb").read()  # __future__.py or the like: UTF-8, not empty
+    np.testing.assert_array_equal(stream[:len(first) + 1], list(first) + [256])
+
   def test_text_folder(self, tmp_path, text_dir):
     config = _config(tmp_path, source="text", path=str(text_dir), eval_fraction=0.25)
     corpus = sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
@@ -285,7 +295,7 @@ class TestEvalBatches:
 class TestValidation:
 
   @pytest.mark.parametrize("field, value, message", [
-      ("source", "web", "data.source='web': must be one of 'pydoc', 'text', 'tfds'"),
+      ("source", "web", "data.source='web': must be one of 'pydoc', 'pystdlib', 'text', 'tfds'"),
       ("tokenizer", "/no/such.json", "data.tokenizer='/no/such.json': must be 'byte' or"),
       ("eval_fraction", 0.0, r"data.eval_fraction=0.0: must be in \(0, 1\)"),
       ("eval_fraction", 1.0, r"data.eval_fraction=1.0: must be in \(0, 1\)"),

@@ -35,7 +35,8 @@ _NUM_BATCHES = 2**40
 def validate_data_config(data) -> None:
   """Checks config.data without reading any data; raises DataError naming the field and value."""
   if data.source not in sources.SOURCES:
-    raise DataError(f"data.source={data.source!r}: must be one of 'pydoc', 'text', 'tfds'")
+    raise DataError(f"data.source={data.source!r}: must be one of "
+                    + ", ".join(map(repr, sources.SOURCES)))
   if data.tokenizer != "byte" and not os.path.isfile(data.tokenizer):
     raise DataError(f"data.tokenizer={data.tokenizer!r}: must be 'byte' or the path of a "
                     "HuggingFace tokenizers JSON file (no such file)")

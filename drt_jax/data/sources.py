@@ -3,6 +3,10 @@
 Sources (`data.source`):
   pydoc  the standard library's `pydoc_data.topics` (~490k characters of English, on every Python),
          one document per topic in sorted-key order.
+  pystdlib  the standard library's own Python sources (~35M characters of code with its tests on a
+         full install), every `*.py` file under sysconfig's "stdlib" folder outside site-packages /
+         dist-packages, in sorted path order, one document per file: a corpus too large for a small
+         model to memorise, with no download.
   text   `data.path`: a file, or a folder read recursively (hidden names skipped), files in sorted
          path order, one document per file; binary (NUL bytes) and non-UTF-8 files are skipped.
   tfds   `data.tfds_name` through `tfds.data_source` (array_record, no tensorflow): "pg19" where the
@@ -16,7 +20,7 @@ cache of uint32 on PG19-size corpora), else uint32, in a raw file under `data.ca
 hash of (source, path or name, split, file stats or content, tokenizer), and memory-mapped: restarts
 and grain workers neither re-tokenize nor copy the corpus.
 
-Held-out data: tfds uses the "validation" split; pydoc and text hold out the last
+Held-out data: tfds uses the "validation" split; pydoc, pystdlib and text hold out the last
 `data.eval_fraction` of the token stream.
 """
 
@@ -27,6 +31,7 @@ import json
 import logging
 import os
 import re
+import sysconfig
 import uuid
 from typing import Callable, Iterable, Iterator
 
@@ -35,7 +40,7 @@ import numpy as np
 from drt_jax.data import DataError
 from drt_jax.data.tokenizer import Tokenizer
 
-SOURCES = ("pydoc", "text", "tfds")
+SOURCES = ("pydoc", "pystdlib", "text", "tfds")
 TFDS_TRAIN_SPLIT = "train"
 TFDS_EVAL_SPLIT = "validation"
 TFDS_TEXT_FEATURES = ("text", "book_text")  # book_text: pg19
@@ -75,10 +80,14 @@ def load_corpus(data, tokenizer: Tokenizer) -> Corpus:
                   eval=_tfds_tokens(data, TFDS_EVAL_SPLIT, tokenizer))
   if data.source == "pydoc":
     stream = _pydoc_tokens(data, tokenizer)
+  elif data.source == "pystdlib":
+    stream = _file_tokens(data, tokenizer, "pystdlib", python_stdlib_files(),
+                          where="data.source='pystdlib'")
   elif data.source == "text":
-    stream = _text_tokens(data, tokenizer)
+    stream = _file_tokens(data, tokenizer, "text", list_text_files(data.path),
+                          where=f"data.path={data.path!r}")
   else:
-    raise DataError(f"data.source={data.source!r}: must be one of 'pydoc', 'text', 'tfds'")
+    raise DataError(f"data.source={data.source!r}: must be one of {', '.join(map(repr, SOURCES))}")
   n_eval = int(len(stream) * data.eval_fraction)
   split = stream.stop - n_eval
   return Corpus(train=dataclasses.replace(stream, stop=split),
@@ -119,16 +128,32 @@ def _pydoc_tokens(data, tokenizer: Tokenizer) -> TokenSpan:
   return _cached_tokens(data, "pydoc", {"content": digest}, lambda: docs, len(docs), tokenizer)
 
 
-def _text_tokens(data, tokenizer: Tokenizer) -> TokenSpan:
-  files = list_text_files(data.path)
+def python_stdlib_files() -> list[str]:
+  """The `*.py` files of this Python's standard library (no installed packages), sorted."""
+  root = sysconfig.get_paths()["stdlib"]
+  files = []
+  for folder, dirs, names in os.walk(root):
+    dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__")
+                     and not d.startswith("."))
+    files += [os.path.join(folder, n) for n in names if n.endswith(".py")]
   if not files:
-    raise DataError(f"data.path={data.path!r}: no files in this folder")
+    raise DataError(f"data.source='pystdlib': no *.py files under {root}")
+  return sorted(files)
+
+
+def _file_tokens(data, tokenizer: Tokenizer, label: str, files: list[str], *,
+                 where: str) -> TokenSpan:
+  """One document per file of `files` (data.path's for "text", the stdlib's for "pystdlib");
+  `where` names the setting in errors."""
+  if not files:
+    raise DataError(f"{where}: no files in this folder")
+  root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
   # File stats in the key: editing, adding or removing a file re-tokenizes.
   stats = []
   for f in files:
     st = os.stat(f)
-    stats.append((os.path.relpath(f, data.path), st.st_size, st.st_mtime_ns))
-  key = {"path": os.path.realpath(data.path), "files": stats}
+    stats.append((os.path.relpath(f, root), st.st_size, st.st_mtime_ns))
+  key = {"path": os.path.realpath(root), "files": stats}
 
   def documents() -> Iterator[str]:
     skipped, produced = [], 0
@@ -140,12 +165,13 @@ def _text_tokens(data, tokenizer: Tokenizer) -> TokenSpan:
         produced += 1
         yield text
     if not produced:
-      raise DataError(f"data.path={data.path!r}: no non-empty UTF-8 text in its {len(files)} files")
+      raise DataError(f"{where}: no non-empty UTF-8 text in its {len(files)} files, e.g. "
+                      f"{files[0]!r}")
     if skipped:
-      logging.warning("data.path=%r: skipped %d binary or non-UTF-8 files, e.g. %r",
-                      data.path, len(skipped), skipped[0])
+      logging.warning("%s: skipped %d binary or non-UTF-8 files, e.g. %r", root, len(skipped),
+                      skipped[0])
 
-  return _cached_tokens(data, "text", key, documents, len(files), tokenizer)
+  return _cached_tokens(data, label, key, documents, len(files), tokenizer)
 
 
 def _tfds_tokens(data, split: str, tokenizer: Tokenizer) -> TokenSpan:
