@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (data/tasks.py: needle, question, answer aligned to model.chunk_len); 0 = plain LM.
   data.task_fraction = 0.0
   data.tasks = "passkey"  # comma-separated kinds mixed in: passkey, multikey, multihop
+  # Loss weight of the task answers' tokens (every other token weighs 1); 1 = the reference's plain
+  # LM loss, where a few answer tokens are drowned by thousands of haystack tokens.
+  data.task_answer_weight = 1.0
 
   train = config.train = ml_collections.ConfigDict()
   train.global_batch_size = 32  # sequences per optimizer step, over all devices

@@ -121,7 +121,7 @@ class Trainer:
 
   def _loss(self, params, batch, rng, train):
     return lm.loss_terms(self.model, params, batch["inputs"], train=train, rng=rng,
-                         target_mask=batch.get("target_mask"))
+                         target_weights=batch.get("target_weights"))
 
   def _train_step(self, state: TrainState, batch: dict):
     accum = self.config.train.grad_accum_steps

@@ -82,7 +82,7 @@ def test_perplexity_equals_the_one_shot_loss(checkpoint, tmp_path, stride):
     mask[1:, :length - stride] = 0
   model = lm.make_model(config_lib.validate(config))
   total, count = lm.loss_terms(model, jax.device_get(params), tokens, train=False,
-                               rng=jax.random.key(0), target_mask=jnp.asarray(mask))
+                               rng=jax.random.key(0), target_weights=jnp.asarray(mask))
   assert result["tokens"] == int(count) == (length - 1) + (windows - 1) * (stride or length - 1)
   np.testing.assert_allclose(result["nll"], float(total / count), rtol=1e-5)
   np.testing.assert_allclose(result["perplexity"], np.exp(result["nll"]), rtol=1e-6)

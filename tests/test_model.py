@@ -137,7 +137,7 @@ def test_random_retrieval_ignores_scores():
                 < np.broadcast_to(np.arange(12)[None, :, None], a.valid.shape)[np.asarray(a.valid)])
 
 
-def test_loss_skips_the_last_token_and_respects_the_target_mask():
+def test_loss_skips_the_last_token_and_respects_the_target_weights():
   config = small_config()
   model, params = _build(config)
   tokens = random_tokens(8, 2, config.data.seq_len)
@@ -149,7 +149,7 @@ def test_loss_skips_the_last_token_and_respects_the_target_mask():
   np.testing.assert_allclose(float(total), float(expected), rtol=1e-5)
   mask = jnp.zeros_like(tokens).at[:, 10].set(1)
   total, count = lm.loss_terms(model, params, tokens, train=False, rng=jax.random.key(0),
-                               target_mask=mask)
+                               target_weights=mask)
   assert int(count) == 2
   np.testing.assert_allclose(float(total), float(nll[:, 9][jnp.arange(2), tokens[:, 10]].sum()),
                              rtol=1e-5)

@@ -125,7 +125,7 @@ def _config(cache_dir, **data):
 
 
 def test_training_mixture(tmp_path):
-  config = _config(tmp_path, task_fraction=0.5, tasks="passkey,multikey")
+  config = _config(tmp_path, task_fraction=0.5, tasks="passkey,multikey", task_answer_weight=7.0)
   mixed = pipeline.make_train_iterator(config)
   plain = pipeline.make_train_iterator(_config(tmp_path))
   questions = {"passkey": TOKENIZER.encode("|What is the passkey? The passkey is "),
@@ -135,10 +135,13 @@ def test_training_mixture(tmp_path):
   builder = tasks_lib.TaskBuilder(TOKENIZER, 15)
   kinds = []
   for _ in range(4):
-    for row, window in zip(next(mixed)["inputs"], next(plain)["inputs"]):
+    batch = next(mixed)
+    for row, weights, window in zip(batch["inputs"], batch["target_weights"],
+                                    next(plain)["inputs"]):
       found = {t: _find(row, q) for t, q in questions.items() if _find(row, q) >= 0}
       if not found:
         np.testing.assert_array_equal(row, window)
+        np.testing.assert_array_equal(weights, 1.0)
         kinds.append("plain")
         continue
       (task, at), = found.items()
@@ -146,6 +149,9 @@ def test_training_mixture(tmp_path):
       start = at + question_len[task]
       assert start % 15 == 1, "answer at index 1 of a chunk of model.chunk_len=15"
       np.testing.assert_array_equal(row[start:start + 5], copy_the_needle(task, row[:start]))
+      expected = np.ones(len(row), np.float32)
+      expected[start:start + 5] = 7.0  # the answer's tokens weigh data.task_answer_weight
+      np.testing.assert_array_equal(weights, expected)
       overwritten = builder.min_length(task) - 15  # needles, question and answer
       assert (row != window).sum() <= overwritten, "built on its own window"
   counts = {k: kinds.count(k) for k in ("plain", "passkey", "multikey")}
@@ -157,6 +163,7 @@ def test_training_mixture(tmp_path):
 @pytest.mark.parametrize("data,message", [
     ({"task_fraction": 1.5}, "data.task_fraction=1.5: must be in [0, 1]"),
     ({"task_fraction": 0.1, "tasks": "passkey,needle"}, "data.tasks='passkey,needle'"),
+    ({"task_answer_weight": -1.0}, "data.task_answer_weight=-1.0: must be a number > 0"),
 ])
 def test_bad_mixture_fields(tmp_path, data, message):
   with pytest.raises(DataError) as error:

@@ -52,6 +52,8 @@ def validate_data_config(data) -> None:
     raise DataError("data.tfds_name='': must name a TFDS dataset, e.g. 'pg19' (data.source='tfds')")
   if not 0 <= data.task_fraction <= 1:
     raise DataError(f"data.task_fraction={data.task_fraction!r}: must be in [0, 1]")
+  if not (isinstance(data.task_answer_weight, (int, float)) and data.task_answer_weight > 0):
+    raise DataError(f"data.task_answer_weight={data.task_answer_weight!r}: must be a number > 0")
   if data.task_fraction and not set(_task_names(data)) <= set(tasks_lib.TASKS):
     raise DataError(f"data.tasks={data.tasks!r}: must be a comma-separated subset of "
                     + ", ".join(tasks_lib.TASKS))
@@ -86,12 +88,13 @@ class _TrainWindow:
     i = step * self.global_batch + self.row_offset + row
     start = np.random.default_rng([self.seed, i]).integers(0, len(self.span) - self.seq_len - 1)
     window = self._tokens[start:start + self.seq_len].astype(np.int32)
-    return {"inputs": window if self.tasks is None else self.tasks(window, i)}
+    return {"inputs": window} if self.tasks is None else self.tasks(window, i)
 
 
 def make_train_iterator(config, *, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
-  """The training batches of this process, {"inputs": int32 [global_batch / process_count, T]}.
+  """The training batches of this process, {"inputs": int32 [global_batch / process_count, T]},
+  with tasks mixed in also "target_weights": float32 [same] (data.task_answer_weight on answers).
 
   One batch per call of next(); checkpoint it with get_state/set_state or orbax
   (grain.checkpoint.CheckpointSave / CheckpointRestore). The index space never runs out.
@@ -109,7 +112,8 @@ def make_train_iterator(config, *, process_index: int = 0,
     builder = tasks_lib.TaskBuilder(tokenizer_lib.make_tokenizer(config.data.tokenizer),
                                     config.model.chunk_len)
     tasks = tasks_lib.TaskMixture(builder, _task_names(config.data), config.data.task_fraction,
-                                  config.seed, seq_len)
+                                  config.seed, seq_len,
+                                  answer_weight=config.data.task_answer_weight)
   window = _TrainWindow(corpus.train, seq_len=seq_len, seed=config.seed,
                         global_batch=config.train.global_batch_size, local_batch=local_batch,
                         process_index=process_index, tasks=tasks)

@@ -149,22 +149,27 @@ class TaskMixture:
   """Turns a fraction of training windows into task samples (data.task_fraction, data.tasks).
 
   Sample i's choice and content come from np.random.default_rng([seed, i, 1]), so the mixture is
-  as reproducible as the windows.
+  as reproducible as the windows. Answer tokens weigh answer_weight in the loss, the rest 1.
   """
 
   def __init__(self, builder: TaskBuilder, tasks: tuple[str, ...], fraction: float, seed: int,
-               seq_len: int):
+               seq_len: int, *, answer_weight: float = 1.0):
     for task in tasks:
       builder.check(task, seq_len)  # here, not in a grain worker
     self.builder = builder
     self.tasks = tasks
     self.fraction = fraction
     self.seed = seed
+    self.answer_weight = answer_weight
 
-  def __call__(self, window: np.ndarray, i: int) -> np.ndarray:
-    """Global sample i's window int32 [T] -> the window itself or a task sample of it."""
+  def __call__(self, window: np.ndarray, i: int) -> dict[str, np.ndarray]:
+    """Global sample i's window int32 [T] -> {"inputs": the window itself or a task sample of it,
+    "target_weights": float32 [T]}."""
     rng = np.random.default_rng([self.seed, i, 1])
+    weights = np.ones(len(window), np.float32)
     if rng.random() >= self.fraction:
-      return window
+      return {"inputs": window, "target_weights": weights}
     task = self.tasks[rng.integers(len(self.tasks))]
-    return self.builder.make(task, window, rng, depth=rng.random()).tokens
+    sample = self.builder.make(task, window, rng, depth=rng.random())
+    weights[sample.answer_start:sample.answer_start + len(sample.answer)] = self.answer_weight
+    return {"inputs": sample.tokens, "target_weights": weights}

@@ -21,16 +21,17 @@ def init_params(model: nn.Module, rng, batch: int, length: int):
   return model.init({"params": params_rng, "gumbel": gumbel_rng}, tokens, train=False)["params"]
 
 
-def loss_terms(model: nn.Module, params, tokens, *, train: bool, rng, target_mask=None):
-  """Summed next-token cross-entropy and the number of scored tokens (float32 scalars).
+def loss_terms(model: nn.Module, params, tokens, *, train: bool, rng, target_weights=None):
+  """Summed (weighted) next-token cross-entropy and the summed weights (float32 scalars).
 
   tokens: int [batch, T]. Token t predicts token t + 1 (the last token has no target, §1.3);
-  target_mask: optional [batch, T], 1 where token t is a target worth scoring.
+  target_weights: optional [batch, T], the weight of token t as a target (0 = not scored;
+  default 1 for every token).
   """
   hidden = model.apply({"params": params}, tokens, train=train, rngs={"gumbel": rng})
   mask = jnp.ones(tokens[:, 1:].shape, jnp.float32)
-  if target_mask is not None:
-    mask = mask * target_mask[:, 1:].astype(jnp.float32)
+  if target_weights is not None:
+    mask = mask * target_weights[:, 1:].astype(jnp.float32)
   embedding = params["embed"]["embedding"]
   return cross_entropy_sum(hidden[:, :-1], embedding, tokens[:, 1:], mask,
                            dtype=model.config.compute_dtype)
