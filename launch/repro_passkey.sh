@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The passkey length-generalisation reproduction on one GPU (configs/passkey_repro.py): train a small
-# DRT on 4032-token sequences with passkey samples mixed in, then evaluate passkey retrieval at 1x,
+# DRT on short sequences (data.seq_len) with passkey samples mixed in, then evaluate passkey retrieval at 1x,
 # 4x, 16x, 64x, 256x and 1000x the training length (50 samples over 5 needle depths per length, 20
 # at 1000x), with the chunk memory in host memory. Writes bench/results/passkey_repro.json and its
 # plots (passkey_repro_heatmap.png, passkey_repro_accuracy.png) and prints each phase's wall time.
@@ -15,7 +15,7 @@
 #   RUN_DIR        run folder (default: runs/passkey_repro)
 #   OUT            results JSON (default: bench/results/passkey_repro.json)
 #   STEPS_PER_RUN  train at most this many steps per call (default: to the end)
-#   BATCH          sequences evaluated together (default: 10; host memory ~4 GB each at 1000x)
+#   BATCH          sequences evaluated together (default: 10; host memory ~1 GB each at 1000x)
 set -euo pipefail
 
 phase=${1:-all}
@@ -30,7 +30,7 @@ python=${PYTHON:-$repo/.venv/bin/python}
 config=configs/passkey_repro.py
 run_dir=${RUN_DIR:-runs/passkey_repro}
 out=${OUT:-bench/results/passkey_repro.json}
-train_len=4032  # data.seq_len of the config
+train_len=$("$python" -c "from configs import passkey_repro; print(passkey_repro.get_config().data.seq_len)")
 lengths=$(for x in 1 4 16 64 256 1000; do printf '%s,' $((x * train_len)); done)
 
 timed() {
