@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.remat = False  # rematerialise every block in the backward pass
 
   data = config.data = ml_collections.ConfigDict()
-  data.source = "pydoc"  # "pydoc" (ships with Python), "text" (data.path), "tfds" (data.tfds_name)
+  data.source = "pydoc"  # "pydoc" or "pystdlib" (ship with Python), "text" (data.path), "tfds"
   data.path = ""  # file or folder of text files, for source="text"
   data.tfds_name = ""  # e.g. "pg19" or "drt_text_files", for source="tfds"
   data.tfds_data_dir = ""  # TFDS data_dir; empty = TFDS default
