@@ -51,7 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.task_fraction = 0.0
   data.tasks = "passkey"  # comma-separated kinds mixed in: passkey, multikey, multihop
   # Loss weight of the task answers' tokens (every other token weighs 1); 1 = the reference's plain
-  # LM loss, where a few answer tokens are drowned by thousands of haystack tokens.
+  # LM loss, where a few answer tokens are drowned by thousands of haystack tokens. The logged
+  # training loss is then this weighted mean; eval_loss stays the plain one.
   data.task_answer_weight = 1.0
 
   train = config.train = ml_collections.ConfigDict()

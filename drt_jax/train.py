@@ -11,8 +11,8 @@ import os
 import time
 
 import jax
-import numpy as np
 import ml_collections
+import numpy as np
 import tqdm
 from absl import app, flags
 from ml_collections import config_flags
