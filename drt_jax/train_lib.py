@@ -161,11 +161,14 @@ class Trainer:
                      out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
       return step.lower(state, batch).compile()
 
+  def _eval_rng(self):
+    """The fixed key of every eval; used only by retrieval="random"."""
+    return jax.random.key(self.config.seed + 1)
+
   def compile_eval_step(self, params, batch: dict):
     """AOT-compiled eval: (params, batch) -> (summed loss, scored tokens), no Gumbel noise."""
-    eval_rng = jax.random.key(self.config.seed + 1)  # used only by retrieval="random"
     with self._context():
-      step = jax.jit(lambda p, b: self._loss(p, b, eval_rng, False),
+      step = jax.jit(lambda p, b: self._loss(p, b, self._eval_rng(), False),
                      in_shardings=(self.state_shardings.params, self.batch_sharding),
                      out_shardings=self.replicated)
       return step.lower(params, batch).compile()
@@ -173,10 +176,9 @@ class Trainer:
   def compile_answer_step(self, params, batch: dict):
     """AOT-compiled task eval: (params, {"inputs", "answer_start", "answer"}) -> float32
     [batch, A], 1 where a teacher-forced greedy answer token is right (lm.answer_hits)."""
-    eval_rng = jax.random.key(self.config.seed + 1)
     with self._context():
       step = jax.jit(lambda p, b: lm.answer_hits(self.model, p, b["inputs"], b["answer_start"],
-                                                 b["answer"], rng=eval_rng),
+                                                 b["answer"], rng=self._eval_rng()),
                      in_shardings=(self.state_shardings.params, self.batch_sharding),
                      out_shardings=self.replicated)
       return step.lower(params, batch).compile()

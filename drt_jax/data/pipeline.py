@@ -109,10 +109,8 @@ def make_train_iterator(config, *, process_index: int = 0,
                     f"data.seq_len={seq_len} (needs >= {seq_len + 2})")
   tasks = None
   if config.data.task_fraction:
-    builder = tasks_lib.TaskBuilder(tokenizer_lib.make_tokenizer(config.data.tokenizer),
-                                    config.model.chunk_len)
-    tasks = tasks_lib.TaskMixture(builder, _task_names(config.data), config.data.task_fraction,
-                                  config.seed, seq_len,
+    tasks = tasks_lib.TaskMixture(_task_builder(config), _task_names(config.data),
+                                  config.data.task_fraction, config.seed, seq_len,
                                   answer_weight=config.data.task_answer_weight)
   window = _TrainWindow(corpus.train, seq_len=seq_len, seed=config.seed,
                         global_batch=config.train.global_batch_size, local_batch=local_batch,
@@ -160,8 +158,7 @@ def make_task_eval_batches(config, *, process_index: int = 0,
   local_batch = _local_batch(config, process_index, process_count)
   global_batch, seq_len = config.train.global_batch_size, config.data.seq_len
   tokens = _load_corpus(config).eval.array()
-  builder = tasks_lib.TaskBuilder(tokenizer_lib.make_tokenizer(config.data.tokenizer),
-                                  config.model.chunk_len)
+  builder = _task_builder(config)
   depths = np.linspace(0.0, 1.0, global_batch)
   rows = range(process_index * local_batch, (process_index + 1) * local_batch)
   batches = {}
@@ -174,6 +171,11 @@ def make_task_eval_batches(config, *, process_index: int = 0,
                      "answer_start": np.array([x.answer_start for x in samples], np.int32),
                      "answer": np.stack([x.answer for x in samples])}
   return batches
+
+
+def _task_builder(config) -> tasks_lib.TaskBuilder:
+  return tasks_lib.TaskBuilder(tokenizer_lib.make_tokenizer(config.data.tokenizer),
+                               config.model.chunk_len)
 
 
 def _local_batch(config, process_index: int, process_count: int) -> int:
