@@ -4,11 +4,14 @@ the device or in host memory (REFERENCE_DRT.md §4, with §8 items 2, 4 and 17 f
 A Session holds the state of a batch of sequences:
   * per self-attention layer, a ring buffer of the last window + 1 keys/values (model/decode.py);
   * the lower-layer output of the current chunk's rows, encoded when its landmark arrives;
-  * the landmark keys of every encoded chunk, always on the device (each retrieval scores them
-    all), and the chunks' K/V in a chunk store, on the device or in host memory;
-  * per group, the retrieval serving the current chunk, and its chunks' K/V on the device.
+  * per group, the retrieval serving the current chunk, and its chunks' K/V on the device;
+  * a chunk store, on the device or in host memory, with every encoded chunk's K/V and landmark
+    key.
 Retrieval at a landmark is the training-time one (lmk_norm, scores / sqrt(d), causal mask, top-k,
 softmax of the chosen scores, no noise), so decoding picks the chunks the one-shot forward picks.
+The jitted pieces return the landmark queries; the session scores them against the stored
+landmark keys a block of `key_block` chunks at a time (one transfer and one jitted top-k merge
+per block, retrieval.merge_top_k), so with host memory no device array grows with the context.
 
 Tokens go in as segments of whole chunks (batch mode over the cached history; the retrieval
 computed at a segment's last landmark serves the next segment's first chunk) or one at a time (a
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drt_jax.config import ConfigError, ModelConfig
+from drt_jax.model import retrieval as retrieval_ops
 from drt_jax.model.decode import DecodeDRT, cache_len, init_cache
 from drt_jax.model.drt import drop_landmarks
 from drt_jax.model.head import tied_logits
@@ -43,53 +47,71 @@ class DecodeState:
   cache: Any  # DecodeDRT's "cache" collection: ring buffers and positions per attention layer
   position: jax.Array  # int32 [b]: rows of the landmark-inserted stream processed
   chunk_rows: jax.Array  # float32 [b, S, d]: lower-layer output of the current chunk's rows
-  landmark_keys: jax.Array  # float32 [b, capacity, d]: encoder output at each chunk's landmark
   active: Retrieval  # [b, G, K]: per group, the retrieval serving the current chunk
   active_kv: jax.Array  # [b, G, K, S, 2, heads, head_dim]: the K/V of those chunks
 
 
 class DeviceChunkStore:
-  """Chunk K/V in one device buffer [b, capacity, S, 2, heads, head_dim]."""
+  """Encoded chunks in device buffers: K/V [b, capacity, S, 2, heads, head_dim] and landmark keys
+  float32 [b, key_capacity, d] (capacity rounded up to whole key blocks)."""
 
-  def __init__(self, batch: int, capacity: int, chunk_shape, dtype):
+  def __init__(self, batch: int, capacity: int, key_capacity: int, chunk_shape, d_model: int,
+               dtype):
     self.buffer = jnp.zeros((batch, capacity) + tuple(chunk_shape), dtype)
+    self.keys = jnp.zeros((batch, key_capacity, d_model), jnp.float32)
 
-  def write(self, kv, first, rows):
-    """kv [b, n, ...] -> chunks first[i] .. first[i] + n - 1 of the sequences where rows[i]."""
-    self.buffer = _write_chunks(self.buffer, kv, jnp.asarray(first), jnp.asarray(rows))
+  def write(self, kv, keys, first, rows):
+    """kv [b, n, ...] and keys [b, n, d] -> chunks first[i] .. first[i] + n - 1 of the sequences
+    where rows[i]."""
+    first, rows = jnp.asarray(first), jnp.asarray(rows)
+    self.buffer = _write_chunks(self.buffer, kv, first, rows)
+    self.keys = _write_chunks(self.keys, keys, first, rows)
 
   def gather(self, indices):
     """int [b, m] chunk ids -> device [b, m, S, 2, heads, head_dim]."""
     return _gather_chunks(self.buffer, jnp.asarray(indices, jnp.int32))
 
+  def key_block(self, first: int, size: int):
+    """The landmark keys of chunks first .. first + size - 1 -> device float32 [b, size, d]."""
+    return _key_slice(self.keys, first, size=size)
+
   def concatenate(self, others):
     self.buffer = jnp.concatenate([self.buffer] + [o.buffer for o in others])
+    self.keys = jnp.concatenate([self.keys] + [o.keys for o in others])
 
 
 class HostChunkStore:
-  """Chunk K/V in host memory (numpy), for contexts beyond device memory: one copy to the host
-  per write, and one transfer of the selected chunks per retrieval.
+  """Chunk K/V and landmark keys in host memory (numpy), for contexts beyond device memory: one
+  copy to the host per write; per retrieval, one transfer per block of landmark keys scored and
+  one of the selected chunks.
 
   Not a jax array in "pinned_host" memory: a retrieval gathers chunks and a write scatters them,
   and XLA does not run such ops on host-memory arrays on every backend; jax.device_put of whole
   arrays (one per chunk) works everywhere but costs ~0.1 ms of dispatch per chunk.
   """
 
-  def __init__(self, batch: int, capacity: int, chunk_shape, dtype):
+  def __init__(self, batch: int, capacity: int, key_capacity: int, chunk_shape, d_model: int,
+               dtype):
     # Zero pages are mapped lazily: memory is committed only as chunks are written.
     self.buffer = np.zeros((batch, capacity) + tuple(chunk_shape), np.dtype(dtype))
+    self.keys = np.zeros((batch, key_capacity, d_model), np.float32)
 
-  def write(self, kv, first, rows):
-    kv = np.asarray(kv)
+  def write(self, kv, keys, first, rows):
+    kv, keys = jax.device_get((kv, keys))
     for i in np.flatnonzero(rows):
       self.buffer[i, first[i]:first[i] + kv.shape[1]] = kv[i]
+      self.keys[i, first[i]:first[i] + keys.shape[1]] = keys[i]
 
   def gather(self, indices):
     indices = np.asarray(indices)
     return jax.device_put(self.buffer[np.arange(len(indices))[:, None], indices])
 
+  def key_block(self, first: int, size: int):
+    return jax.device_put(self.keys[:, first:first + size])
+
   def concatenate(self, others):
     self.buffer = np.concatenate([self.buffer] + [o.buffer for o in others])
+    self.keys = np.concatenate([self.keys] + [o.keys for o in others])
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -106,6 +128,35 @@ def _gather_chunks(buffer, indices):
   return buffer[jnp.arange(buffer.shape[0])[:, None], indices]
 
 
+@functools.partial(jax.jit, static_argnames="size")
+def _key_slice(keys, first, *, size: int):
+  return jax.lax.dynamic_slice_in_dim(keys, first, size, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames="topk")
+def _score_block(best, queries, query_chunks, keys, first, *, topk: int):
+  """merge_top_k of one block: queries float32 [b, q, d] of chunks query_chunks (int [b, q])
+  against keys float32 [b, n, d] of chunks first .. first + n - 1, each visible to the queries
+  of later chunks."""
+  scores = retrieval_ops.chunk_scores(queries, keys)
+  mask = first + jnp.arange(keys.shape[1]) < query_chunks[:, :, None]
+  return retrieval_ops.merge_top_k(best, scores, mask, first, topk)
+
+
+@jax.jit
+def _retrieval_of(best) -> Retrieval:
+  ranked, ids = best
+  return retrieval_ops.top_k_retrieval(ranked, ids, ranked)  # no noise: ranked are the scores
+
+
+@jax.jit
+def _where_rows(rows, after, before):
+  """Per sequence (rows bool [b]), the leaves of `after` where rows, else those of `before`."""
+  def pick(a, b):
+    return jnp.where(rows.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+  return jax.tree.map(pick, after, before)
+
+
 def _stack_groups(retrievals: Sequence[Retrieval]) -> Retrieval:
   """G retrievals [b, ..., K] -> one Retrieval [b, G, ..., K]."""
   return Retrieval(*(jnp.stack(parts, axis=1) for parts in zip(*retrievals)))
@@ -119,13 +170,16 @@ def _active_slots(active: Retrieval, group: int) -> Retrieval:
 
 
 def _local_slots(indices, valid):
-  """Chunk ids [b, n, K] -> (the distinct valid ids per sequence [b, U], ids as positions in
-  that list [b, n, K]). U is rounded up to a power of two so few shapes get compiled."""
-  distinct = [np.unique(indices[i][valid[i]]) for i in range(len(indices))]
-  width = 1 << max(0, int(max(len(d) for d in distinct)) - 1).bit_length()
-  needed = np.zeros((len(indices), width), np.int32)
+  """Chunk ids [b, n, K] -> (the distinct valid ids per sequence, padded with 0 to [b, n * K],
+  ids as positions in that list [b, n, K]).
+
+  n * K slots hold them at any context length, so the K/V gathered for a segment have the same
+  shape and memory at every context (the distinct count grows with it up to n * K).
+  """
+  needed = np.zeros((len(indices), indices[0].size), np.int32)
   local = np.zeros(indices.shape, np.int32)
-  for i, ids in enumerate(distinct):
+  for i in range(len(indices)):
+    ids = np.unique(indices[i][valid[i]])
     needed[i, :len(ids)] = ids
     local[i][valid[i]] = np.searchsorted(ids, indices[i][valid[i]])
   return needed, local
@@ -159,10 +213,11 @@ def _token_step(config: ModelConfig, params, state: DecodeState, tokens):
 def _landmark_step(config: ModelConfig, params, state: DecodeState, closes):
   """The landmark row of the sequences where closes (bool [b]); the others are unchanged.
 
-  Encodes the finished chunk (its landmark key goes into the state) and runs each group's
-  retrieval from the landmark's hidden state; the landmark row itself is still served by the
-  previous retrieval, as in training. Returns (state with the new active retrieval, the chunk's
-  K/V [b, S, 2, heads, head_dim]); the caller refreshes active_kv.
+  Encodes the finished chunk and computes each group's landmark query. The landmark row itself
+  is still served by the previous retrieval, as in training, so every group's query depends on
+  that one alone and all come out of this step. Returns (state, queries float32 [b, G, d], the
+  chunk's landmark key float32 [b, 1, d] and K/V [b, 1, S, 2, heads, head_dim]); the caller
+  retrieves and refreshes active and active_kv.
   """
   batch = closes.shape[0]
 
@@ -170,26 +225,17 @@ def _landmark_step(config: ModelConfig, params, state: DecodeState, closes):
     x = m.lower_layers(m.landmark_row(batch))
     chunk_rows = state.chunk_rows.at[:, -1].set(x[:, 0])
     keys, kv = m.encode(chunk_rows[:, None])
-    rows, chunk = jnp.arange(batch), state.position // config.chunk_size
-    # Written in place, for the closing rows only: a select over all keys would cost O(capacity).
-    landmark_keys = state.landmark_keys.at[rows, chunk].set(
-        jnp.where(closes[:, None], keys[:, 0], state.landmark_keys[rows, chunk]))
-    selected = []
+    queries = []
     for g in range(config.num_groups):
-      selected.append(m.retrieve(g, x, landmark_keys, chunk))
+      queries.append(m.retrieval_queries(g, x))
       x = m.upper_layers(g, x, state.active_kv[:, g], _active_slots(state.active, g))
-    return chunk_rows, landmark_keys, _stack_groups(selected), kv[:, 0]
+    return chunk_rows, jnp.concatenate(queries, axis=1), keys, kv
 
-  (chunk_rows, landmark_keys, selected, kv), variables = DecodeDRT(config, "step").apply(
+  (chunk_rows, queries, keys, kv), variables = DecodeDRT(config, "step").apply(
       {"params": params, "cache": state.cache}, method=run, mutable=["cache"])
-  selected = jax.tree.map(lambda x: x[:, :, 0], selected)
   new = state.replace(cache=variables["cache"], position=state.position + 1,
-                      chunk_rows=chunk_rows, active=selected)
-
-  def pick(after, before):
-    return jnp.where(closes.reshape((batch,) + (1,) * (after.ndim - 1)), after, before)
-
-  return jax.tree.map(pick, new, state).replace(landmark_keys=landmark_keys), kv
+                      chunk_rows=chunk_rows)
+  return _where_rows(closes, new, state), queries, keys, kv
 
 
 def _landmark_rows(config: ModelConfig, x):
@@ -197,49 +243,42 @@ def _landmark_rows(config: ModelConfig, x):
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("history",), donate_argnums=2)
-def _segment_start(config: ModelConfig, params, state: DecodeState, tokens, first_chunk, *,
-                   history: int):
-  """Whole chunks (int [b, n * chunk_len], chunks first_chunk ..) through the lower layers and the
-  chunk encoder, and group 0's retrieval at their landmarks.
+def _segment_start(config: ModelConfig, params, state: DecodeState, tokens, *, history: int):
+  """Whole chunks (int [b, n * chunk_len]) through the lower layers and the chunk encoder.
 
-  Returns (rows [b, n * S, d], the chunks' K/V [b, n, S, 2, heads, head_dim], state with the
-  lower caches and landmark keys advanced, Retrieval [b, n, K]).
+  Returns (rows [b, n * S, d], the chunks' K/V [b, n, S, 2, heads, head_dim] and landmark keys
+  float32 [b, n, d], state with the lower caches advanced, group 0's queries float32 [b, n, d]).
   """
   batch, length = tokens.shape
   chunks = length // config.chunk_len
-  first = jnp.full((batch,), first_chunk, jnp.int32)
 
   def run(m):
     x = m.lower_layers(m.chunk_rows(tokens))
     keys, kv = m.encode(x.reshape(batch, chunks, config.chunk_size, config.d_model))
-    landmark_keys = jax.lax.dynamic_update_slice_in_dim(state.landmark_keys, keys, first_chunk,
-                                                        axis=1)
-    return x, kv, landmark_keys, m.retrieve(0, _landmark_rows(config, x), landmark_keys, first)
+    return x, kv, keys, m.retrieval_queries(0, _landmark_rows(config, x))
 
-  (x, kv, landmark_keys, selected), variables = DecodeDRT(config, "segment", history).apply(
+  (x, kv, keys, queries), variables = DecodeDRT(config, "segment", history).apply(
       {"params": params, "cache": state.cache}, method=run, mutable=["cache"])
-  return x, kv, state.replace(cache=variables["cache"], landmark_keys=landmark_keys,
-                              position=state.position + length + chunks), selected
+  return x, kv, keys, state.replace(cache=variables["cache"],
+                                    position=state.position + length + chunks), queries
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("group", "history"))
-def _segment_group(config: ModelConfig, params, cache, x, kv, serving: Retrieval, landmark_keys,
-                   first_chunk, *, group: int, history: int):
+def _segment_group(config: ModelConfig, params, cache, x, kv, serving: Retrieval, *, group: int,
+                   history: int):
   """Group `group`'s upper layers over x [b, n * S, d] (serving indexes kv [b, m, ...]), then the
-  next group's retrieval -> (x, cache, Retrieval [b, n, K]); after the last group, the final
-  norm without landmark rows -> (hidden [b, n * chunk_len, d], cache, None)."""
-  batch = x.shape[0]
-  first = jnp.full((batch,), first_chunk, jnp.int32)
+  next group's queries -> (x, cache, float32 [b, n, d]); after the last group, the final norm
+  without landmark rows -> (hidden [b, n * chunk_len, d], cache, None)."""
 
   def run(m):
     y = m.upper_layers(group, x, kv, serving)
     if group + 1 < config.num_groups:
-      return y, m.retrieve(group + 1, _landmark_rows(config, y), landmark_keys, first)
+      return y, m.retrieval_queries(group + 1, _landmark_rows(config, y))
     return drop_landmarks(m.finish(y), config.chunk_size), None
 
-  (y, selected), variables = DecodeDRT(config, "segment", history).apply(
+  (y, queries), variables = DecodeDRT(config, "segment", history).apply(
       {"params": params, "cache": cache}, method=run, mutable=["cache"])
-  return y, variables["cache"], selected
+  return y, variables["cache"], queries
 
 
 class Decoder:
@@ -248,13 +287,16 @@ class Decoder:
   Args:
     config: the model (arch "drt", learned retrieval).
     params: its float32 params (unboxed), as trained.
-    max_len: the most tokens a sequence may hold (prompt + generated); sizes the landmark keys
-      and a device chunk store.
+    max_len: the most tokens a sequence may hold (prompt + generated); sizes the chunk stores.
     segment_len: tokens per batch-mode segment when feeding long inputs, a multiple of
       chunk_len (longer segments: fewer host round trips, more activation memory).
+    key_block: landmark keys scored per block at a retrieval, in chunks (a transfer and a jitted
+      top-k merge each; with host chunk memory the device holds about a block of keys at a
+      time). Capped at the capacity.
   """
 
-  def __init__(self, config: ModelConfig, params, *, max_len: int, segment_len: int):
+  def __init__(self, config: ModelConfig, params, *, max_len: int, segment_len: int,
+               key_block: int = 8192):
     if config.arch != "drt":
       raise ConfigError(f"model.arch={config.arch!r}: incremental decoding needs 'drt'")
     if config.retrieval != "learned":
@@ -266,12 +308,17 @@ class Decoder:
     if not isinstance(segment_len, int) or segment_len < c or segment_len % c:
       raise ConfigError(f"segment_len={segment_len!r}: must be a positive multiple of "
                         f"model.chunk_len={c}")
+    if not isinstance(key_block, int) or key_block < 1:
+      raise ConfigError(f"key_block={key_block!r}: must be a positive integer")
     self.config = config
     self.params = params
     self.max_len = max_len
     self.segment_len = segment_len
     self.capacity = -(-max_len // c)
     self.topk = min(config.topk, self.capacity)
+    self.key_block = min(key_block, self.capacity)
+    # Whole blocks, so every block has one shape (one compilation); the excess is never visible.
+    self.key_capacity = -(-self.capacity // self.key_block) * self.key_block
 
   def start(self, batch: int, chunk_memory: str = "device") -> "Session":
     """A session of `batch` empty sequences; chunk_memory ("device" or "host") is where their
@@ -291,7 +338,6 @@ class Decoder:
         cache=init_cache(c, self.params, batch),
         position=jnp.zeros((batch,), jnp.int32),
         chunk_rows=jnp.zeros((batch, size, c.d_model), jnp.float32),
-        landmark_keys=jnp.zeros((batch, self.capacity, c.d_model), jnp.float32),
         active=Retrieval(jnp.zeros((batch, groups, k), jnp.int32),
                          jnp.zeros((batch, groups, k), jnp.float32),
                          jnp.zeros((batch, groups, k), bool)),
@@ -304,7 +350,8 @@ class Decoder:
 
   def new_store(self, batch: int, chunk_memory: str):
     store = DeviceChunkStore if chunk_memory == "device" else HostChunkStore
-    return store(batch, self.capacity, self.chunk_shape, self.config.compute_dtype)
+    return store(batch, self.capacity, self.key_capacity, self.chunk_shape, self.config.d_model,
+                 self.config.compute_dtype)
 
 
 class Session:
@@ -399,26 +446,48 @@ class Session:
       yield done, hidden
       done += size
 
-  def _landmark(self, closes):
+  def _retrieve(self, queries, query_chunks) -> Retrieval:
+    """Queries float32 [b, q, d] of chunks query_chunks (numpy int [b, q]) -> Retrieval
+    [b, q, K] over the chunks before each query's: the stored landmark keys are scored a block at
+    a time; blocks from the latest query's chunk on hold nothing visible and are not visited."""
     d = self.decoder
-    self.state, kv = _landmark_step(d.config, d.params, self.state, jnp.asarray(closes))
-    chunk = self.lengths // d.config.chunk_len - 1
-    self.store.write(kv[:, None], chunk, closes)
-    active = self.state.active  # [b, G, K]
-    for g in range(d.config.num_groups):
+    chunks = jnp.asarray(query_chunks, jnp.int32)
+    best = None
+    # At least one block: at chunk 0 it marks every slot invalid.
+    for first in range(0, max(int(query_chunks.max()), 1), d.key_block):
+      best = _score_block(best, queries, chunks, self.store.key_block(first, d.key_block), first,
+                          topk=d.topk)
+    return _retrieval_of(best)
+
+  def _landmark(self, closes):
+    d, c = self.decoder, self.decoder.config
+    self.state, queries, keys, kv = _landmark_step(c, d.params, self.state, jnp.asarray(closes))
+    chunk = self.lengths // c.chunk_len - 1
+    # The other rows' retrieval is dropped: they query chunk 0, which needs no block.
+    query_chunks = np.repeat(np.where(closes, chunk, 0)[:, None], c.num_groups, axis=1)
+    selected = self._retrieve(queries, query_chunks)
+    # A chunk's landmark does not see the chunk's own key, so it is stored after the retrieval is
+    # dispatched: the key blocks' transfers overlap the landmark step.
+    self.store.write(kv, keys, chunk, closes)
+    active = _where_rows(jnp.asarray(closes), selected, self.state.active)  # [b, G, K]
+    for g in range(c.num_groups):
       self._record(g, np.flatnonzero(closes), jax.tree.map(lambda x: x[:, g, None], active))
     kv = self.store.gather(np.asarray(active.indices).reshape(self.batch, -1))
-    self.state = self.state.replace(active_kv=kv.reshape(self.state.active_kv.shape))
+    self.state = self.state.replace(active=active,
+                                    active_kv=kv.reshape(self.state.active_kv.shape))
 
   def _segment(self, tokens):
     d, c = self.decoder, self.decoder.config
     first = int(self.lengths[0]) // c.chunk_len
+    chunks = tokens.shape[1] // c.chunk_len
     history = min(first * c.chunk_size, cache_len(c))
-    x, kv, state, selected = _segment_start(c, d.params, self.state, tokens, first,
-                                            history=history)
-    self.store.write(kv, np.full(self.batch, first), np.ones(self.batch, bool))
+    x, kv, keys, state, queries = _segment_start(c, d.params, self.state, tokens,
+                                                 history=history)
+    self.store.write(kv, keys, np.full(self.batch, first), np.ones(self.batch, bool))
+    query_chunks = np.broadcast_to(first + np.arange(chunks), (self.batch, chunks))
     cache, active = state.cache, []
     for g in range(c.num_groups):
+      selected = self._retrieve(queries, query_chunks)
       # Chunk j is served by the retrieval at chunk j - 1's landmark; the segment's first chunk
       # by the one carried from before the segment.
       serving = Retrieval(*(jnp.concatenate([now[:, g, None], new[:, :-1]], axis=1)
@@ -426,10 +495,9 @@ class Session:
       needed, local = _local_slots(np.asarray(serving.indices), np.asarray(serving.valid))
       active.append(jax.tree.map(lambda a: a[:, -1], selected))
       self._record(g, np.arange(self.batch), selected)
-      x, cache, selected = _segment_group(
+      x, cache, queries = _segment_group(
           c, d.params, cache, x, self.store.gather(needed),
-          serving._replace(indices=jnp.asarray(local)), state.landmark_keys, first, group=g,
-          history=history)
+          serving._replace(indices=jnp.asarray(local)), group=g, history=history)
     active = _stack_groups(active)
     kv = self.store.gather(np.asarray(active.indices).reshape(self.batch, -1))
     self.state = state.replace(cache=cache, active=active,

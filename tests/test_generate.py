@@ -16,6 +16,7 @@ from drt_jax import generate as generate_lib
 from drt_jax import inference
 from drt_jax import train_lib
 from drt_jax.model import lm
+from drt_jax.model import retrieval
 from drt_jax.model.head import tied_logits
 from tests.helpers import model_config, random_tokens, small_config
 
@@ -57,52 +58,99 @@ PLANS = {
     "ragged": [10, 25, 9],  # 10 = 1 chunk + 3 steps; 25 = 4 steps to a boundary, 2 segments...
     "chunks": [7] * 8,  # one-chunk segments: each attends to a history shorter than the window
 }
+# Landmark keys scored per block: all 8 chunks in one; blocks of 3 chunks, the last one partial.
+KEY_BLOCKS = (8192, 3)
 
 
 @pytest.fixture(scope="module")
 def runs(setup):
-  _, _, decoder = setup
+  _, params, decoder = setup
   tokens = np.asarray(random_tokens(1, 2, 7 * CHUNKS))
   results = {}
-  for plan, feeds in PLANS.items():
-    for memory in inference.CHUNK_MEMORIES:
-      session = decoder.start(2, memory)
-      hidden, done = [], 0
-      for size in feeds:
-        hidden += [h for _, h in session.feed(tokens[:, done:done + size])]
-        done += size
-      hidden += [session.step(tokens[:, t])[:, None] for t in range(done, tokens.shape[1])]
-      logits = np.asarray(decoder.logits(jnp.concatenate(hidden, axis=1)))
-      results[plan, memory] = logits, session
+  for key_block in KEY_BLOCKS:
+    blocked = inference.Decoder(decoder.config, params, max_len=decoder.max_len,
+                                segment_len=SEGMENT, key_block=key_block)
+    for plan, feeds in PLANS.items():
+      for memory in inference.CHUNK_MEMORIES:
+        session = blocked.start(2, memory)
+        hidden, done = [], 0
+        for size in feeds:
+          hidden += [h for _, h in session.feed(tokens[:, done:done + size])]
+          done += size
+        hidden += [session.step(tokens[:, t])[:, None] for t in range(done, tokens.shape[1])]
+        logits = np.asarray(decoder.logits(jnp.concatenate(hidden, axis=1)))
+        results[plan, memory, key_block] = logits, session
   return tokens, results
 
 
+@pytest.mark.parametrize("key_block", KEY_BLOCKS)
 @pytest.mark.parametrize("memory", inference.CHUNK_MEMORIES)
 @pytest.mark.parametrize("plan", list(PLANS))
-def test_incremental_logits_equal_the_one_shot_forward(setup, runs, plan, memory):
+def test_incremental_logits_equal_the_one_shot_forward(setup, runs, plan, memory, key_block):
   model, params, _ = setup
   tokens, results = runs
   expected, _ = _one_shot(model, params, tokens)
-  np.testing.assert_allclose(results[plan, memory][0], expected, rtol=0, atol=1e-4)
+  np.testing.assert_allclose(results[plan, memory, key_block][0], expected, rtol=0, atol=1e-4)
 
 
 def test_retrieval_picks_the_chunks_of_the_batch_forward(setup, runs):
   model, params, _ = setup
   tokens, results = runs
   _, sown = _one_shot(model, params, tokens)
-  for (plan, memory), (_, session) in results.items():
+  for run, (_, session) in results.items():
     for g, batch_retrieval in enumerate(sown):
       expected = np.where(batch_retrieval.valid, batch_retrieval.indices, -1)
       for row, got in enumerate(session.retrieved(g)):
-        assert got.shape == expected[row].shape, (plan, memory)
-        np.testing.assert_array_equal(got, expected[row], err_msg=f"{plan} {memory} group {g}")
+        assert got.shape == expected[row].shape, run
+        np.testing.assert_array_equal(got, expected[row], err_msg=f"{run} group {g}")
   assert (expected >= 0).sum() > 10, "the check must cover real retrievals"
 
 
 def test_host_chunk_memory_gives_the_device_result(runs):
   _, results = runs
   for plan in PLANS:
-    np.testing.assert_array_equal(results[plan, "host"][0], results[plan, "device"][0])
+    for key_block in KEY_BLOCKS:
+      np.testing.assert_array_equal(results[plan, "host", key_block][0],
+                                    results[plan, "device", key_block][0])
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 13])
+def test_blocked_top_k_equals_select_chunks(block):
+  """merge_top_k block by block (the last block partial for 2, 3 and 5) == select_chunks on all
+  13 chunks: indices, validity and weights, bit for bit."""
+  rng = np.random.default_rng(block)
+  batch, queries, chunks, k = 3, 6, 13, 4
+  scores = rng.standard_normal((batch, queries, chunks)).astype(np.float32)
+  scores[1] = rng.integers(0, 3, (queries, chunks))  # ties, within and across blocks
+  scores[2] = 1.5  # all tied
+  visible = np.array([0, 1, 3, 4, 9, 13])  # none, fewer than k, k, more
+  mask = np.broadcast_to(np.arange(chunks) < visible[:, None], scores.shape).copy()
+  mask[2] &= rng.random((queries, chunks)) < 0.5  # scattered visible chunks
+  expected = retrieval.select_chunks(jnp.asarray(scores), jnp.asarray(mask), k)
+  best = None
+  for first in range(0, chunks, block):
+    best = retrieval.merge_top_k(best, scores[..., first:first + block],
+                                 mask[..., first:first + block], first, k)
+  got = retrieval.top_k_retrieval(best[0], best[1], best[0])
+  assert not np.asarray(expected.valid)[:, 0].all() and np.asarray(expected.valid).any()
+  for name, want, have in zip(retrieval.Retrieval._fields, expected, got):
+    np.testing.assert_array_equal(np.asarray(have), np.asarray(want), err_msg=name)
+
+
+def test_host_memory_keeps_no_context_sized_array_on_the_device(setup):
+  """With host chunk memory, landmark keys and chunk K/V stay in host memory: no device array has
+  a dimension of the capacity (1001 chunks here), after segments, steps and a landmark."""
+  _, params, decoder = setup
+  capacity = 1001
+  big = inference.Decoder(decoder.config, params, max_len=7 * capacity, segment_len=SEGMENT)
+  tokens = np.asarray(random_tokens(5, 2, 35))
+  session = big.start(2, "host")
+  session.prefill(tokens[:, :30])  # two segments of two chunks, two steps
+  for t in range(30, 35):  # through chunk 4's landmark
+    session.step(tokens[:, t])
+  assert capacity not in {n for leaf in jax.tree.leaves(session.state) for n in leaf.shape}
+  assert not [a.shape for a in jax.live_arrays() if capacity in a.shape]
+  assert big.start(2, "device").store.keys.shape[1] == capacity  # what the check would see
 
 
 def test_ragged_batch_generation_follows_the_forward(setup):
@@ -172,6 +220,8 @@ def test_bad_inputs_are_named(setup):
   with pytest.raises(config_lib.ConfigError, match="segment_len=10: must be a positive multiple "
                      "of model.chunk_len=7"):
     inference.Decoder(mc, decoder.params, max_len=56, segment_len=10)
+  with pytest.raises(config_lib.ConfigError, match="key_block=0: must be a positive integer"):
+    inference.Decoder(mc, decoder.params, max_len=56, segment_len=14, key_block=0)
   with pytest.raises(config_lib.ConfigError, match="chunk_memory='disk'"):
     decoder.start(1, "disk")
 

@@ -2,10 +2,11 @@
 
 DecodeDRT builds exactly DRT's parameter tree from the same submodules (blocks, chunk encoder,
 norms, GCA), so a training checkpoint applies unchanged; its methods are the pieces of DRT.__call__
-that inference runs separately: rows -> lower layers -> chunk encoding -> per group: retrieval,
-upper layers -> final norm. The one new module is CachedSelfAttention, which keeps each
-self-attention layer's last `window + 1` keys/values in a ring buffer (flax collection "cache"):
-position p of the landmark-inserted stream lives in slot p % (window + 1).
+that inference runs separately: rows -> lower layers -> chunk encoding -> per group: retrieval
+queries (inference.py scores them against the landmark keys), upper layers -> final norm. The one
+new module is CachedSelfAttention, which keeps each self-attention layer's last `window + 1`
+keys/values in a ring buffer (flax collection "cache"): position p of the landmark-inserted stream
+lives in slot p % (window + 1).
 """
 
 import dataclasses
@@ -152,18 +153,10 @@ class DecodeDRT(nn.Module):
     keys, k_mem, v_mem = self.memory(rows)
     return keys, jnp.stack([k_mem, v_mem], axis=3)
 
-  def retrieve(self, group: int, landmark_rows, landmark_keys,
-               first_chunk) -> retrieval_ops.Retrieval:
-    """Training-time retrieval (DRT.retrieve without noise) of chunks first_chunk .. + n - 1.
-
-    landmark_rows [b, n, d] (hidden state at the group's start); landmark_keys [b, m, d], slots
-    at or after a query's own chunk masked; first_chunk int [b]. -> Retrieval [b, n, min(topk, m)].
-    """
-    queries = self.lmk_norm[group](landmark_rows)
-    scores = retrieval_ops.chunk_scores(queries, landmark_keys)
-    mask = retrieval_ops.causal_chunk_mask(scores.shape[1], scores.shape[2],
-                                           first_chunk[:, None, None])
-    return retrieval_ops.select_chunks(scores, mask, self.config.topk)
+  def retrieval_queries(self, group: int, landmark_rows):
+    """Group `group`'s landmark queries: landmark_rows [b, n, d] (hidden state at the group's
+    start) -> f32 [b, n, d], what DRT.retrieve scores against the landmark keys."""
+    return self.lmk_norm[group](landmark_rows)
 
   def upper_layers(self, group: int, x, kv, serving: retrieval_ops.Retrieval):
     """Group `group`'s upper blocks. serving indexes kv's m axis."""

@@ -5,6 +5,8 @@ chunk j + 1 (its own predecessor j is inside the sliding window). Training adds 
 scores for the *selection* only (Gumbel top-k = sampling k chunks without replacement from
 softmax(scores)); the mixing weights are the softmax of the noise-free scores of the chosen chunks,
 so the LM loss reaches the scores, the landmark queries and the landmark keys through them.
+Inference scores the landmark keys block by block (they may live in host memory): merge_top_k
+keeps a running top-k that ends equal to select_chunks on the whole array.
 """
 
 from typing import NamedTuple
@@ -42,17 +44,46 @@ def select_chunks(scores, mask, topk: int, ranking=None) -> Retrieval:
   k = min(topk, scores.shape[-1])
   ranking = scores if ranking is None else ranking
   ranking = jnp.where(mask, jax.lax.stop_gradient(ranking), -jnp.inf)
-  _, indices = jax.lax.top_k(ranking, k)
-  visible = jnp.sum(jnp.broadcast_to(mask, scores.shape), axis=-1, keepdims=True)
-  valid = jnp.arange(k) < visible
+  ranked, indices = jax.lax.top_k(ranking, k)
+  return top_k_retrieval(ranked, indices, jnp.take_along_axis(scores, indices, axis=-1))
+
+
+def top_k_retrieval(ranked, indices, chosen) -> Retrieval:
+  """The Retrieval of a masked top-k (select_chunks, merge_top_k). All [..., k].
+
+  ranked: the top-k values of the masked ranking, -inf where a row has fewer visible chunks than
+  k (a visible chunk's ranking is finite); indices: their chunk ids; chosen: those chunks'
+  noise-free scores. Weights are the softmax of `chosen` over the valid slots.
+  """
+  valid = ranked > -jnp.inf
   indices = jnp.where(valid, indices, 0).astype(jnp.int32)
-  chosen = jnp.take_along_axis(scores, indices, axis=-1)
   chosen = jnp.where(valid, chosen, -jnp.inf)
   safe_max = jnp.where(jnp.any(valid, axis=-1, keepdims=True),
                        jnp.max(chosen, axis=-1, keepdims=True), 0.0)
   exp = jnp.where(valid, jnp.exp(chosen - jax.lax.stop_gradient(safe_max)), 0.0)
   weights = exp / jnp.maximum(jnp.sum(exp, axis=-1, keepdims=True), 1e-30)
   return Retrieval(indices, weights, valid)
+
+
+def merge_top_k(best, scores, mask, first, topk: int):
+  """One block of a blocked, noise-free select_chunks, for keys that do not fit in one array.
+
+  best: (ranked f32 [b, q, k], ids int32 [b, q, k]), the top-k so far of chunks < first, or None
+  before the first block; scores: f32 [b, q, n] of chunks first .. first + n - 1; mask: bool
+  broadcastable to scores. Returns the top-k of chunks < first + n, in the same form. After the
+  last block, top_k_retrieval(ranked, ids, ranked) equals select_chunks(all scores, mask, k):
+  lax.top_k breaks ties toward the lower position, and the running entries (lower ids) come
+  before the block's, so ties go to the lower chunk id as on the full array.
+  """
+  batch, queries, n = scores.shape
+  if best is None:  # k empty slots: a block may hold fewer than k chunks
+    best = (jnp.full((batch, queries, topk), -jnp.inf, jnp.float32),
+            jnp.zeros((batch, queries, topk), jnp.int32))
+  ranked, ids = best
+  block_ids = jnp.broadcast_to(first + jnp.arange(n, dtype=jnp.int32), scores.shape)
+  ranked, positions = jax.lax.top_k(
+      jnp.concatenate([ranked, jnp.where(mask, scores, -jnp.inf)], axis=-1), topk)
+  return ranked, jnp.take_along_axis(jnp.concatenate([ids, block_ids], axis=-1), positions, -1)
 
 
 def gumbel_noise(rng, shape):
