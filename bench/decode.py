@@ -4,12 +4,13 @@ For each context length and chunk memory ("device", "host"), in a fresh process 
 peak-memory counter is that configuration's alone): prefill `context` random tokens segment by
 segment (the time includes compiling), then time `--steps` greedy decoding steps (sample, then
 step, each waited for as a chat loop would; every chunk_len-th step also encodes a chunk and
-retrieves). Params are the config's initialisation: latency and memory do not depend on their
-values. Prints a table; writes JSON.
+retrieves: it scores every earlier chunk's landmark key, `--key_block` chunks per block, each
+block sent from host memory with chunk memory "host"). Params are the config's initialisation:
+latency and memory do not depend on their values. Prints a table; writes JSON.
 
   python3 bench/decode.py --config configs/drt_pg19.py --out $OUT/decode.json \
       [--contexts 65536,1048576,4194304,16777216] [--memories device,host] [--steps 512] \
-      [--set model.impl=xla ...]
+      [--key_block 8192] [--set model.impl=xla ...]
 """
 
 import argparse
@@ -26,7 +27,7 @@ sys.path.insert(0, REPO)
 
 
 def measure(config_path: str, overrides, context: int, memory: str, steps: int,
-            segment_len: int, seed: int) -> dict:
+            segment_len: int, key_block: int, seed: int) -> dict:
   """One configuration, in this process."""
   import flax.linen as nn
   import jax
@@ -43,7 +44,7 @@ def measure(config_path: str, overrides, context: int, memory: str, steps: int,
   params = nn.meta.unbox(lm.init_params(lm.make_model(model_config), jax.random.key(seed), 1,
                                         model_config.chunk_len))
   decoder = inference.Decoder(model_config, params, max_len=context + steps,
-                              segment_len=segment_len)
+                              segment_len=segment_len, key_block=key_block)
   session = decoder.start(1, memory)
   tokens = np.random.default_rng(seed).integers(0, model_config.vocab_size, (1, context))
   start = time.perf_counter()
@@ -70,6 +71,7 @@ def measure(config_path: str, overrides, context: int, memory: str, steps: int,
       "plain_step_ms_median": 1e3 * float(np.median(times[~closes])),
       "landmark_step_ms_median": 1e3 * float(np.median(times[closes])) if closes.any() else None,
       "peak_device_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+      "key_block": key_block,
       "device": jax.devices()[0].device_kind, "config": config_path, "overrides": overrides,
   }
 
@@ -84,6 +86,8 @@ def main():
   parser.add_argument("--steps", type=int, default=512)
   parser.add_argument("--segment_len", type=int, default=65520, help="prefill segment, a "
                       "multiple of model.chunk_len")
+  parser.add_argument("--key_block", type=int, default=8192, help="landmark keys scored per "
+                      "block at a retrieval, in chunks")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", required=True)
   parser.add_argument("--single", help=argparse.SUPPRESS)  # context,memory: measure in-process
@@ -91,14 +95,15 @@ def main():
   if args.single:
     context, memory = args.single.split(",")
     print(json.dumps(measure(args.config, args.set, int(context), memory, args.steps,
-                             args.segment_len, args.seed)))
+                             args.segment_len, args.key_block, args.seed)))
     return
   rows = []
   for memory in args.memories.split(","):
     for context in map(int, args.contexts.split(",")):
       command = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--steps",
-                 str(args.steps), "--segment_len", str(args.segment_len), "--seed",
-                 str(args.seed), "--out", args.out, "--single", f"{context},{memory}"]
+                 str(args.steps), "--segment_len", str(args.segment_len), "--key_block",
+                 str(args.key_block), "--seed", str(args.seed), "--out", args.out, "--single",
+                 f"{context},{memory}"]
       command += [f"--set={assignment}" for assignment in args.set]
       result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
       if result.returncode:
