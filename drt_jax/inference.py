@@ -292,7 +292,8 @@ class Decoder:
       chunk_len (longer segments: fewer host round trips, more activation memory).
     key_block: landmark keys scored per block at a retrieval, in chunks (a transfer and a jitted
       top-k merge each; with host chunk memory the device holds about a block of keys at a
-      time). Capped at the capacity.
+      time). Not capped at the capacity: one block shape at every context length, so the
+      device memory of a retrieval does not depend on it.
   """
 
   def __init__(self, config: ModelConfig, params, *, max_len: int, segment_len: int,
@@ -316,7 +317,7 @@ class Decoder:
     self.segment_len = segment_len
     self.capacity = -(-max_len // c)
     self.topk = min(config.topk, self.capacity)
-    self.key_block = min(key_block, self.capacity)
+    self.key_block = key_block
     # Whole blocks, so every block has one shape (one compilation); the excess is never visible.
     self.key_capacity = -(-self.capacity // self.key_block) * self.key_block
 
@@ -452,9 +453,14 @@ class Session:
     a time; blocks from the latest query's chunk on hold nothing visible and are not visited."""
     d = self.decoder
     chunks = jnp.asarray(query_chunks, jnp.int32)
-    best = None
+    best = previous = None
     # At least one block: at chunk 0 it marks every slot invalid.
     for first in range(0, max(int(query_chunks.max()), 1), d.key_block):
+      if previous is not None:
+        # Dispatch runs ahead of the device: without this wait every block of a long context
+        # would be transferred (and held) at once. Two in flight still overlap copy and compute.
+        jax.block_until_ready(previous)
+      previous = best
       best = _score_block(best, queries, chunks, self.store.key_block(first, d.key_block), first,
                           topk=d.topk)
     return _retrieval_of(best)
