@@ -51,6 +51,7 @@ def measure(config_path: str, overrides, context: int, memory: str, steps: int,
   hidden = session.prefill(tokens)
   hidden.block_until_ready()
   prefill_s = time.perf_counter() - start
+  after_prefill = _device_gib("bytes_in_use")
   times = []
   for i in range(steps):
     start = time.perf_counter()
@@ -62,7 +63,6 @@ def measure(config_path: str, overrides, context: int, memory: str, steps: int,
   times = np.asarray(times[model_config.chunk_len:])  # the first chunk's steps include compiles
   boundary = np.arange(model_config.chunk_len, steps)[:len(times)]
   closes = (context + boundary + 1) % model_config.chunk_len == 0
-  stats = jax.devices()[0].memory_stats() or {}
   return {
       "context": context, "chunk_memory": memory, "prefill_s": prefill_s,
       "prefill_tokens_per_s": context / prefill_s,
@@ -70,10 +70,19 @@ def measure(config_path: str, overrides, context: int, memory: str, steps: int,
       "step_ms_p99": 1e3 * float(np.quantile(times, 0.99)),
       "plain_step_ms_median": 1e3 * float(np.median(times[~closes])),
       "landmark_step_ms_median": 1e3 * float(np.median(times[closes])) if closes.any() else None,
-      "peak_device_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+      "peak_device_gib": _device_gib("peak_bytes_in_use"),
+      # Live device memory once the context is in (model, caches, state) and after decoding.
+      "in_use_after_prefill_gib": after_prefill,
+      "in_use_after_decode_gib": _device_gib("bytes_in_use"),
       "key_block": key_block,
       "device": jax.devices()[0].device_kind, "config": config_path, "overrides": overrides,
   }
+
+
+def _device_gib(stat: str):
+  """One of the device allocator's counters, in GiB (None where the backend has none)."""
+  import jax
+  return (jax.devices()[0].memory_stats() or {}).get(stat, 0) / 2**30 or None
 
 
 def main():
@@ -135,7 +144,8 @@ def _format(row: dict) -> str:
           f"p50 {row['step_ms_p50']:6.2f} p99 {row['step_ms_p99']:6.2f} ms  plain "
           f"{row['plain_step_ms_median']:6.2f} landmark "
           f"{'-' if landmark is None else f'{landmark:6.2f}'} ms  peak device "
-          f"{'-' if peak is None else f'{peak:6.2f} GiB'}")
+          f"{'-' if peak is None else f'{peak:6.2f} GiB'}  in use after prefill / decode "
+          f"{row['in_use_after_prefill_gib'] or 0:.3f} / {row['in_use_after_decode_gib'] or 0:.3f} GiB")
 
 
 if __name__ == "__main__":
