@@ -145,7 +145,8 @@ def _format(row: dict) -> str:
           f"{row['plain_step_ms_median']:6.2f} landmark "
           f"{'-' if landmark is None else f'{landmark:6.2f}'} ms  peak device "
           f"{'-' if peak is None else f'{peak:6.2f} GiB'}  in use after prefill / decode "
-          f"{row['in_use_after_prefill_gib'] or 0:.3f} / {row['in_use_after_decode_gib'] or 0:.3f} GiB")
+          f"{row['in_use_after_prefill_gib'] or 0:.3f} / "
+          f"{row['in_use_after_decode_gib'] or 0:.3f} GiB")
 
 
 if __name__ == "__main__":

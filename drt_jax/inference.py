@@ -453,14 +453,15 @@ class Session:
     a time; blocks from the latest query's chunk on hold nothing visible and are not visited."""
     d = self.decoder
     chunks = jnp.asarray(query_chunks, jnp.int32)
-    best = previous = None
+    best = None
     # At least one block: at chunk 0 it marks every slot invalid.
     for first in range(0, max(int(query_chunks.max()), 1), d.key_block):
-      if previous is not None:
-        # Dispatch runs ahead of the device: without this wait every block of a long context
-        # would be transferred (and held) at once. Two in flight still overlap copy and compute.
-        jax.block_until_ready(previous)
-      previous = best
+      if best is not None:
+        # Dispatch runs ahead of the device: without this wait the blocks of a long context would
+        # be transferred and scored concurrently, each with its own [q, block] scores, so the
+        # device memory would grow with the number of blocks. The transfer dominates a block's
+        # time anyway, so little overlap is lost.
+        jax.block_until_ready(best)
       best = _score_block(best, queries, chunks, self.store.key_block(first, d.key_block), first,
                           topk=d.topk)
     return _retrieval_of(best)
