@@ -40,7 +40,7 @@ TASKS = ("ppl",) + tasks_lib.TASKS
 def _define_flags():
   # Defined only when run as a program: eval.py and generate.py are also imported as libraries.
   generate_lib.define_session_flags("Longest length accepted (default: the longest of --lengths); "
-                                    "sizes the landmark keys on the device.")
+                                    "sizes the chunk memory.")
   flags.DEFINE_enum("task", None, list(TASKS), "What to evaluate.")
   flags.DEFINE_string("lengths", None, "Comma-separated context lengths in tokens.")
   flags.DEFINE_string("out", None, "Results JSON; plots are written beside it.")
