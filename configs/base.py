@@ -72,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_batches = 16  # batches per periodic eval
   train.checkpoint_every = 5000
   train.keep_checkpoints = 3
+  train.init_from = ""  # a run folder whose newest params a new --workdir starts from; "" = random
 
   mesh = config.mesh = ml_collections.ConfigDict()
   mesh.data = -1  # -1: all devices not used by the other axes

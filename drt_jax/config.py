@@ -151,6 +151,8 @@ def _validate_train(train, data_seq_len):
   _require(train.eps > 0, "train.eps", train.eps, "must be > 0")
   _require(train.weight_decay >= 0, "train.weight_decay", train.weight_decay, "must be >= 0")
   _require(train.grad_clip >= 0, "train.grad_clip", train.grad_clip, "must be >= 0 (0 = off)")
+  _require(isinstance(train.init_from, str), "train.init_from", train.init_from,
+           "must be a run folder or '' (random init)")
 
 
 def _validate_mesh(mesh):

@@ -2,8 +2,10 @@
 
 Starts JAX's multi-process runtime when launched as one of several processes (launch/README.md),
 parses and validates the config, builds or restores the state, then loops: step, log, eval,
-checkpoint. A second run in the same DIR resumes at the exact next batch. Only process 0 prints and
-writes metrics.
+checkpoint. A second run in the same DIR resumes at the exact next batch. A first run with
+--config.train.init_from=OTHER_RUN_DIR starts from that run's newest params instead of random ones
+(fine-tuning, or the next phase of a length curriculum: own data, fresh optimizer, step 0). Only
+process 0 prints and writes metrics.
 """
 
 import json
@@ -37,7 +39,8 @@ _COORDINATOR_ADDRESS = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 
-# Sections whose change makes a checkpoint meaningless; train.* may change between restarts.
+# Sections whose change makes a checkpoint meaningless; train.* may change between restarts
+# (train.init_from too: it is read only while the run folder holds no checkpoint).
 _FROZEN_SECTIONS = ("model", "data", "seed")
 
 
@@ -92,20 +95,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   model_config = config_lib.validate(config)
   pipeline.validate_data_config(config.data)
   main_process = jax.process_index() == 0
-  _check_same_experiment(config, workdir)
   trainer = train_lib.Trainer(config, model_config, train_lib.make_mesh(config.mesh))
+  manager = train_lib.checkpoint_manager(os.path.join(workdir, "checkpoints"),
+                                         config.train.keep_checkpoints)
+  init_from = config.train.init_from if manager.latest_step() is None else ""
+  if init_from:  # before config.json is written, so that a refused source leaves none behind
+    init_params, source = train_lib.load_params(init_from, trainer.abstract_state.params,
+                                                config.model.to_dict())
+  _check_same_experiment(config, workdir)
   train_iter = pipeline.make_train_iterator(config, process_index=jax.process_index(),
                                             process_count=jax.process_count())
   eval_batches = pipeline.make_eval_batches(config, config.train.eval_batches,
                                             process_index=jax.process_index(),
                                             process_count=jax.process_count())
-  manager = train_lib.checkpoint_manager(os.path.join(workdir, "checkpoints"),
-                                         config.train.keep_checkpoints)
   if manager.latest_step() is not None:
     state = train_lib.restore_checkpoint(manager, trainer.abstract_state, train_iter)
-    _say(f"resumed from {workdir} at step {int(state.step)}")
+    _say(f"resumed from {workdir} at step {int(state.step)}" + (
+        " (train.init_from is read only by a run's first start)" if config.train.init_from else ""))
   else:
     state = trainer.init_state(config.seed)
+    if init_from:
+      # A fresh optimizer state does not depend on the params' values (Adam's moments start at 0).
+      state = state.replace(params=init_params)
+      _say(f"params from {source} (train.init_from); step 0, fresh optimizer state")
   start = int(state.step)
   total_steps = config.train.num_train_steps
   if start >= total_steps:

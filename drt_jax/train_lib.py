@@ -1,5 +1,6 @@
 """Everything the training loop needs, importable and testable: mesh, sharded state, optimizer,
-the jitted train/eval steps and checkpointing (params, optimizer and data iterator together)."""
+the jitted train/eval steps and checkpointing (params, optimizer and data iterator together; or
+another run's params alone, for train.init_from)."""
 
 import contextlib
 import dataclasses
@@ -217,3 +218,66 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, data_iter
     with open(saved[0]) as f:
       data_iterator.set_state(json.load(f))
   return restored.state
+
+
+# Model fields that change neither the params' shapes nor their meaning: how the model is computed
+# (impl, dtype, remat) and how many chunks it retrieves, how (topk, gumbel). train.init_from may
+# load params of a run that differs from this one in these only.
+PARAM_FREE_MODEL_FIELDS = ("impl", "dtype", "remat", "topk", "gumbel")
+
+
+def load_params(path: str, abstract_params, model: dict):
+  """The params of another run's checkpoint, for train.init_from (fine-tuning, length curricula).
+
+  path: a run folder (train.py's --workdir), its checkpoints/ folder (the newest step is loaded)
+  or one step's folder in it. abstract_params: ShapeDtypeStructs carrying the shardings to load
+  into. model: this run's config.model, compared with the `model` of the source run's config.json
+  first. Returns (params, "<folder> step N"); raises ConfigError naming train.init_from.
+  """
+  field = f"train.init_from={path!r}"
+  folder, step = os.path.abspath(os.path.join(path, "checkpoints")), None
+  if not os.path.isdir(folder):
+    folder = os.path.abspath(path)
+    if os.path.basename(folder).isdigit():  # one step's folder: <run>/checkpoints/<step>
+      folder, step = os.path.dirname(folder), int(os.path.basename(folder))
+  if not os.path.isdir(folder):
+    raise ConfigError(f"{field}: no such folder")
+  # The data iterator's handler too, only so that orbax does not warn about an unknown item.
+  manager = ocp.CheckpointManager(
+      folder, options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()})
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      raise ConfigError(f"{field}: no checkpoint in {folder}"
+                        + ("" if step is None else f" at step {step}"))
+    config_path = os.path.join(os.path.dirname(folder), "config.json")
+    if not os.path.exists(config_path):
+      raise ConfigError(f"{field}: no {config_path} (train.py writes it) to check that run's "
+                        "model config against this one")
+    with open(config_path) as f:
+      source = json.load(f)["model"]
+    current = json.loads(json.dumps(model))  # tuples as lists, as in config.json
+    for name in list(current) + [name for name in source if name not in current]:
+      if name not in PARAM_FREE_MODEL_FIELDS and source.get(name) != current.get(name):
+        raise ConfigError(
+            f"{field}: that run has model.{name}={source.get(name)!r}, this one "
+            f"model.{name}={current.get(name)!r}; only model." + ", model.".join(
+                PARAM_FREE_MODEL_FIELDS) + " may differ from the run whose params are loaded")
+    # Orbax restores whatever shape was saved: a mismatch the config check missed is caught here.
+    where = f"{folder} step {step}"
+    saved, wanted = ({jax.tree_util.keystr(p): tuple(leaf.shape)
+                      for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+                     for tree in (manager.item_metadata(step)["state"]["params"], abstract_params))
+    for name in sorted(set(saved) | set(wanted)):
+      if saved.get(name) != wanted.get(name):
+        raise ConfigError(f"{field}: param {name} is {saved.get(name, 'absent')} in {where}, "
+                          f"{wanted.get(name, 'absent')} in this run's model")
+    target = {"params": abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  finally:
+    manager.close()
+  return restored.state["params"], where

@@ -1,10 +1,13 @@
-"""Training end to end on CPU: learning, resumption, sharding equivalence, bad input."""
+"""Training end to end on CPU: learning, resumption, starting from another run's params, sharding
+equivalence, bad input."""
 
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from drt_jax import config as config_lib
@@ -84,6 +87,86 @@ def test_a_partial_checkpoint_is_never_restored(tmp_path):
   config.train.num_train_steps = 15
   train_main.train(config, str(tmp_path), progress=False)
   assert _train_losses(str(tmp_path))[-1][0] == 15
+
+
+@pytest.fixture(scope="module")
+def phase_one(tmp_path_factory):
+  """Phase 1 of a length curriculum: 10 steps on 42-token sequences, checkpointed at step 10."""
+  workdir = str(tmp_path_factory.mktemp("phase_one"))
+  train_main.train(_short_run_config(steps=10), workdir, progress=False)
+  return workdir
+
+
+def _phase_two_config(source):
+  """Phase 2: a new run on longer sequences, from phase 1's params; retrieving fewer chunks
+  (model.topk) changes no param, so it may differ."""
+  config = _short_run_config(steps=10, topk=2)
+  config.data.seq_len = 7 * 8
+  config.train.init_from = source
+  return config
+
+
+def _saved_state(workdir, step):
+  """The TrainState of a checkpoint as nested dicts of arrays."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore())).state
+  manager.close()
+  return state
+
+
+def _adam_counts(state):
+  return {int(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
+          if "'count'" in jax.tree_util.keystr(path)}
+
+
+def test_init_from_starts_step_0_with_the_source_params_and_a_fresh_optimizer(
+    tmp_path, phase_one, capsys):
+  workdir = str(tmp_path / "phase_two")
+  train_main.train(_phase_two_config(phase_one), workdir, progress=False, steps_this_run=1)
+  assert f"params from {phase_one}/checkpoints step 10" in capsys.readouterr().out
+  source, new = _saved_state(phase_one, 10), _saved_state(workdir, 1)
+  # The schedule's step-0 learning rate is 0 (warm-up from 0), so that one step left the params
+  # as they were loaded; continuing phase 1's schedule at step 10 would have moved them.
+  jax.tree.map(np.testing.assert_array_equal, new["params"], source["params"])
+  assert int(new["step"]) == 1
+  assert _adam_counts(source) == {10} and _adam_counts(new) == {1}
+
+
+def test_a_restart_resumes_its_own_checkpoint_not_init_from(tmp_path, phase_one, capsys):
+  config = _phase_two_config(phase_one)
+  workdir = str(tmp_path / "phase_two")
+  train_main.train(config, workdir, progress=False, steps_this_run=1)
+  capsys.readouterr()
+  train_main.train(config, workdir, progress=False, steps_this_run=4)
+  assert f"resumed from {workdir} at step 1" in capsys.readouterr().out
+  new = _saved_state(workdir, 5)  # 1 + 4: restarting from phase 1's params would stop at 4
+  assert int(new["step"]) == 5 and _adam_counts(new) == {5}
+  losses = _train_losses(workdir)
+  assert [step for step, _ in losses] == [1, 5] and np.isfinite([loss for _, loss in losses]).all()
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), new["params"],
+                         _saved_state(phase_one, 10)["params"])
+  assert all(jax.tree.leaves(changed))
+
+
+@pytest.mark.parametrize("source,model_overrides,needles", [
+    ("missing", {}, ["no such folder"]),
+    ("empty", {}, ["no checkpoint"]),
+    ("phase_one", {"d_model": 64}, ["that run has model.d_model=32, this one model.d_model=64"]),
+    ("phase_one", {"use_alibi": False}, ["model.use_alibi=True", "model.use_alibi=False"]),
+])
+def test_init_from_refuses_a_missing_or_different_source(tmp_path, phase_one, source,
+                                                         model_overrides, needles):
+  (tmp_path / "empty").mkdir()
+  path = phase_one if source == "phase_one" else str(tmp_path / source)
+  config = _short_run_config(steps=10, **model_overrides)
+  config.train.init_from = path
+  workdir = tmp_path / "phase_two"
+  with pytest.raises(config_lib.ConfigError) as error:
+    train_main.train(config, str(workdir), progress=False)
+  for needle in [f"train.init_from={path!r}", *needles]:
+    assert needle in str(error.value), str(error.value)
+  assert not (workdir / "config.json").exists()  # refused before anything of the run was written
 
 
 _SHARDED_SCRIPT = """
