@@ -102,12 +102,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   if init_from:  # before config.json is written, so that a refused source leaves none behind
     init_params, source = train_lib.load_params(init_from, trainer.abstract_state.params,
                                                 config.model.to_dict())
-  _check_same_experiment(config, workdir)
+  # The pipelines first: they check what only the data can tell (e.g. a task that does not fit
+  # in data.seq_len), and a refused config must leave no config.json that blocks its correction.
   train_iter = pipeline.make_train_iterator(config, process_index=jax.process_index(),
                                             process_count=jax.process_count())
   eval_batches = pipeline.make_eval_batches(config, config.train.eval_batches,
                                             process_index=jax.process_index(),
                                             process_count=jax.process_count())
+  _check_same_experiment(config, workdir)
   if manager.latest_step() is not None:
     state = train_lib.restore_checkpoint(manager, trainer.abstract_state, train_iter)
     _say(f"resumed from {workdir} at step {int(state.step)}" + (

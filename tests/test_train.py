@@ -13,6 +13,7 @@ import pytest
 from drt_jax import config as config_lib
 from drt_jax import metrics as metrics_lib
 from drt_jax import train as train_main
+from drt_jax.data import DataError
 from tests.helpers import small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,6 +175,7 @@ import sys
 sys.path.insert(0, {repo!r})
 import jax
 from drt_jax import train as train_main
+from drt_jax.data import DataError
 from tests.test_train import _short_run_config
 assert jax.device_count() == 8, jax.devices()
 config = _short_run_config(steps=20)
@@ -242,3 +244,18 @@ def test_cli_gives_one_line_for_bad_values_and_missing_data(tmp_path):
   result = _cli(tmp_path, "--config.data.source=text", "--config.data.path=/no/such/folder")
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert "/no/such/folder" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_config_refused_by_its_data_leaves_the_run_folder_usable(tmp_path):
+  """A task that does not fit in data.seq_len is refused before config.json is written, so the
+  corrected config can then start in the same --workdir."""
+  config = _short_run_config(steps=2)
+  config.train.warmup_steps = 1
+  config.data.task_fraction = 0.5
+  config.data.seq_len = 7 * 8  # shorter than a passkey sample
+  with pytest.raises(DataError, match="too short for task 'passkey'"):
+    train_main.train(config, str(tmp_path), progress=False)
+  assert not (tmp_path / "config.json").exists()
+  config.data.seq_len = 7 * 32
+  train_main.train(config, str(tmp_path), progress=False)
+  assert "2" in os.listdir(tmp_path / "checkpoints")
