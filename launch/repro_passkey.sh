@@ -16,6 +16,9 @@
 #   OUT            results JSON (default: bench/results/passkey_repro.json)
 #   STEPS_PER_RUN  train at most this many steps per call (default: to the end)
 #   BATCH          sequences evaluated together (default: 10; host memory ~1 GB each at 1000x)
+#   OVERRIDES      config fields for both phases, e.g. "model.topk=4 train.num_train_steps=6000"
+#                  (a variant in its own RUN_DIR; a curriculum phase: "data.seq_len=2016
+#                  train.init_from=runs/phase1"); the training length follows data.seq_len
 set -euo pipefail
 
 phase=${1:-all}
@@ -30,7 +33,17 @@ python=${PYTHON:-$repo/.venv/bin/python}
 config=configs/passkey_repro.py
 run_dir=${RUN_DIR:-runs/passkey_repro}
 out=${OUT:-bench/results/passkey_repro.json}
-train_len=$("$python" -c "from configs import passkey_repro; print(passkey_repro.get_config().data.seq_len)")
+read -r -a overrides <<< "${OVERRIDES:-}"
+flags=("${overrides[@]/#/--config.}")
+train_len=$("$python" - "$config" "${overrides[@]}" <<'EOF'
+import sys
+from drt_jax import config as config_lib
+config = config_lib.load_config_file(sys.argv[1])
+for assignment in sys.argv[2:]:
+  config_lib.apply_override(config, assignment)
+print(config.data.seq_len)
+EOF
+)
 lengths=$(for x in 1 4 16 64 256 1000; do printf '%s,' $((x * train_len)); done)
 
 timed() {
@@ -40,13 +53,14 @@ timed() {
 }
 
 if [[ $phase != eval ]]; then
-  timed "$python" -m drt_jax.train --config "$config" --workdir "$run_dir" \
+  timed "$python" -m drt_jax.train --config "$config" "${flags[@]}" --workdir "$run_dir" \
     ${STEPS_PER_RUN:+--steps_this_run "$STEPS_PER_RUN"}
 fi
 if [[ $phase != train ]]; then
   mkdir -p "$(dirname "$out")"
   # Segments of 16 training lengths keep the per-segment host work small against the GPU work.
-  timed "$python" -m drt_jax.eval --task passkey --config "$config" --checkpoint "$run_dir" \
+  timed "$python" -m drt_jax.eval --task passkey --config "$config" "${flags[@]}" \
+    --checkpoint "$run_dir" \
     --lengths "${lengths%,}" --samples 50,50,50,50,50,20 --depths 5 --batch "${BATCH:-10}" \
     --chunk_memory host --segment_len $((16 * train_len)) --out "$out"
 fi
