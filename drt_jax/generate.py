@@ -2,27 +2,26 @@
 
 Continues prompts of any length with a trained DRT: prefill, then token-by-token decoding with
 greedy, temperature or top-k sampling (drt_jax/inference.py holds the state). Also home of
-restore_params, which eval.py shares.
+restore_params, which eval.py shares (train_lib reads the checkpoint).
 """
 
 import functools
-import os
 import sys
 from typing import Sequence
 
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags
 from ml_collections import config_flags
 
 from drt_jax import cli
 from drt_jax import config as config_lib
 from drt_jax import inference
+from drt_jax import train_lib
+from drt_jax.train_lib import CheckpointError
 from drt_jax.data import DataError
 from drt_jax.data import tokenizer as tokenizer_lib
 from drt_jax.model import lm
@@ -51,55 +50,18 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that is missing or does not fit the config; the message names it."""
-
-
 def restore_params(config: ml_collections.ConfigDict, checkpoint: str, step: int | None = None):
-  """The float32 params of a train.py checkpoint, checked against config's model first.
-
-  checkpoint: the run folder (--workdir) or its checkpoints/ folder. step: None = the latest.
-  """
+  """The float32 params of a train.py checkpoint, checked against config's model first, on one
+  device. checkpoint: the run folder (--workdir), its checkpoints/ folder or one step's folder.
+  step: None = the latest."""
   model_config = config_lib.validate(config)
-  folder = os.path.join(checkpoint, "checkpoints")
-  folder = os.path.abspath(folder if os.path.isdir(folder) else checkpoint)
-  if not os.path.isdir(folder):
-    raise CheckpointError(f"--checkpoint={checkpoint!r}: no such folder")
-  # The data iterator's handler too, only so that orbax does not warn about an unknown item.
-  manager = ocp.CheckpointManager(folder, item_handlers={
-      "state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    raise CheckpointError(f"--checkpoint={checkpoint!r}: no checkpoint"
-                          + ("" if step is None else f" at step {step}") + f" in {folder}")
+  folder, step = train_lib.find_checkpoint(checkpoint, "--checkpoint", step=step)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   expected = jax.eval_shape(lambda: nn.meta.unbox(lm.init_params(
       lm.make_model(model_config), jax.random.key(0), 1, model_config.chunk_len)))
   expected = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                           expected)
-  _check_shapes(manager.item_metadata(step)["state"]["params"], expected,
-                f"{folder} step {step}")
-  target = {"params": expected}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)))
-  manager.close()
-  return restored.state["params"]
-
-
-def _check_shapes(saved, expected, where: str):
-  """Orbax restores whatever shape was saved, so a checkpoint of another config must be caught
-  here, not by a shape error deep inside a trace."""
-  saved = {jax.tree_util.keystr(p): tuple(v.shape)
-           for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
-    name = jax.tree_util.keystr(path)
-    if name not in saved:
-      raise CheckpointError(f"{where}: has no param {name}; the checkpoint is from another "
-                            "model config")
-    if saved[name] != leaf.shape:
-      raise CheckpointError(f"{where}: param {name} has shape {saved[name]}, the config's model "
-                            f"needs {leaf.shape}; the checkpoint is from another model config")
+  return train_lib.restore_params(folder, step, expected)
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k"))

@@ -220,6 +220,64 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, data_iter
   return restored.state
 
 
+class CheckpointError(ValueError):
+  """A checkpoint that is missing or does not fit the config; the message names it."""
+
+
+def find_checkpoint(path: str, label: str, error=CheckpointError, step: int | None = None):
+  """(checkpoints folder, step) of `path`: a run folder (train.py's --workdir), its checkpoints/
+  folder or one step's folder in it; step None = the folder's newest. Raises `error` naming
+  `label`=path (the flag or field it came from) when there is no such checkpoint."""
+  folder = os.path.abspath(os.path.join(path, "checkpoints"))
+  if not os.path.isdir(folder):
+    folder = os.path.abspath(path)
+    if os.path.basename(folder).isdigit() and step is None:  # <run>/checkpoints/<step>
+      folder, step = os.path.dirname(folder), int(os.path.basename(folder))
+  if not os.path.isdir(folder):
+    raise error(f"{label}={path!r}: no such folder")
+  with _params_reader(folder) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      raise error(f"{label}={path!r}: no checkpoint" + ("" if step is None else f" at step {step}")
+                  + f" in {folder}")
+  return folder, step
+
+
+def restore_params(folder: str, step: int, abstract_params, error=CheckpointError):
+  """The params alone of checkpoint `step` in `folder` (find_checkpoint), loaded into
+  abstract_params' shapes and shardings (ShapeDtypeStructs); `error` if a shape differs."""
+  where = f"{folder} step {step}"
+  with _params_reader(folder) as manager:
+    # Orbax restores whatever shape was saved: a checkpoint of another model must be caught here,
+    # not by a shape error deep inside a trace.
+    saved, wanted = ({jax.tree_util.keystr(p): tuple(leaf.shape)
+                      for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+                     for tree in (manager.item_metadata(step)["state"]["params"], abstract_params))
+    for name in sorted(set(saved) | set(wanted)):
+      if saved.get(name) != wanted.get(name):
+        raise error(f"{where}: param {name} has shape {saved.get(name, '(absent)')}, the config's "
+                    f"model needs {wanted.get(name, '(absent)')}; the checkpoint is from another "
+                    "model config")
+    target = {"params": abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  return restored.state["params"]
+
+
+@contextlib.contextmanager
+def _params_reader(folder: str):
+  # The data iterator's handler too, only so that orbax does not warn about an unknown item.
+  manager = ocp.CheckpointManager(
+      folder, options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()})
+  try:
+    yield manager
+  finally:
+    manager.close()
+
+
 # Model fields that change neither the params' shapes nor their meaning: how the model is computed
 # (impl, dtype, remat) and how many chunks it retrieves, how (topk, gumbel). train.init_from may
 # load params of a run that differs from this one in these only.
@@ -229,55 +287,24 @@ PARAM_FREE_MODEL_FIELDS = ("impl", "dtype", "remat", "topk", "gumbel")
 def load_params(path: str, abstract_params, model: dict):
   """The params of another run's checkpoint, for train.init_from (fine-tuning, length curricula).
 
-  path: a run folder (train.py's --workdir), its checkpoints/ folder (the newest step is loaded)
-  or one step's folder in it. abstract_params: ShapeDtypeStructs carrying the shardings to load
-  into. model: this run's config.model, compared with the `model` of the source run's config.json
-  first. Returns (params, "<folder> step N"); raises ConfigError naming train.init_from.
+  path: as find_checkpoint's (a run folder: its newest step). abstract_params: ShapeDtypeStructs
+  carrying the shardings to load into. model: this run's config.model, compared with the `model`
+  of the source run's config.json first. Returns (params, "<folder> step N"); raises ConfigError
+  naming train.init_from.
   """
-  field = f"train.init_from={path!r}"
-  folder, step = os.path.abspath(os.path.join(path, "checkpoints")), None
-  if not os.path.isdir(folder):
-    folder = os.path.abspath(path)
-    if os.path.basename(folder).isdigit():  # one step's folder: <run>/checkpoints/<step>
-      folder, step = os.path.dirname(folder), int(os.path.basename(folder))
-  if not os.path.isdir(folder):
-    raise ConfigError(f"{field}: no such folder")
-  # The data iterator's handler too, only so that orbax does not warn about an unknown item.
-  manager = ocp.CheckpointManager(
-      folder, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler()})
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-      raise ConfigError(f"{field}: no checkpoint in {folder}"
-                        + ("" if step is None else f" at step {step}"))
-    config_path = os.path.join(os.path.dirname(folder), "config.json")
-    if not os.path.exists(config_path):
-      raise ConfigError(f"{field}: no {config_path} (train.py writes it) to check that run's "
-                        "model config against this one")
-    with open(config_path) as f:
-      source = json.load(f)["model"]
-    current = json.loads(json.dumps(model))  # tuples as lists, as in config.json
-    for name in list(current) + [name for name in source if name not in current]:
-      if name not in PARAM_FREE_MODEL_FIELDS and source.get(name) != current.get(name):
-        raise ConfigError(
-            f"{field}: that run has model.{name}={source.get(name)!r}, this one "
-            f"model.{name}={current.get(name)!r}; only model." + ", model.".join(
-                PARAM_FREE_MODEL_FIELDS) + " may differ from the run whose params are loaded")
-    # Orbax restores whatever shape was saved: a mismatch the config check missed is caught here.
-    where = f"{folder} step {step}"
-    saved, wanted = ({jax.tree_util.keystr(p): tuple(leaf.shape)
-                      for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-                     for tree in (manager.item_metadata(step)["state"]["params"], abstract_params))
-    for name in sorted(set(saved) | set(wanted)):
-      if saved.get(name) != wanted.get(name):
-        raise ConfigError(f"{field}: param {name} is {saved.get(name, 'absent')} in {where}, "
-                          f"{wanted.get(name, 'absent')} in this run's model")
-    target = {"params": abstract_params}
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
-  finally:
-    manager.close()
-  return restored.state["params"], where
+  label = "train.init_from"
+  folder, step = find_checkpoint(path, label, ConfigError)
+  config_path = os.path.join(os.path.dirname(folder), "config.json")
+  if not os.path.exists(config_path):
+    raise ConfigError(f"{label}={path!r}: no {config_path} (train.py writes it) to check that "
+                      "run's model config against this one")
+  with open(config_path) as f:
+    source = json.load(f)["model"]
+  current = json.loads(json.dumps(model))  # tuples as lists, as in config.json
+  for name in list(current) + [name for name in source if name not in current]:
+    if name not in PARAM_FREE_MODEL_FIELDS and source.get(name) != current.get(name):
+      raise ConfigError(
+          f"{label}={path!r}: that run has model.{name}={source.get(name)!r}, this one "
+          f"model.{name}={current.get(name)!r}; only model." + ", model.".join(
+              PARAM_FREE_MODEL_FIELDS) + " may differ from the run whose params are loaded")
+  return restore_params(folder, step, abstract_params, ConfigError), f"{folder} step {step}"

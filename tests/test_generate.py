@@ -249,8 +249,12 @@ def test_restore_checks_the_config_and_the_cli_generates(tmp_path):
   with pytest.raises(generate_lib.CheckpointError, match=r"\['embed'\]\['embedding'\] has shape "
                      r"\(259, 32\), the config's model needs \(259, 48\)"):
     generate_lib.restore_params(small_config(d_model=48), str(tmp_path))
-  with pytest.raises(generate_lib.CheckpointError, match="no checkpoint"):
-    generate_lib.restore_params(config, str(tmp_path / "checkpoints" / "1"))
+  step_folder = generate_lib.restore_params(config, str(tmp_path / "checkpoints" / "1"))
+  jax.tree.map(np.testing.assert_array_equal, step_folder, params)
+  with pytest.raises(generate_lib.CheckpointError, match="no checkpoint at step 7"):
+    generate_lib.restore_params(config, str(tmp_path / "checkpoints" / "7"))
+  with pytest.raises(generate_lib.CheckpointError, match="no checkpoint in"):
+    generate_lib.restore_params(config, str(tmp_path / "checkpoints" / "1" / "state"))
 
   script = ("import sys; sys.path.insert(0, {repo!r}); from tests.helpers import small_config\n"
             "def get_config(): return small_config()\n").format(repo=REPO)
