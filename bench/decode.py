@@ -5,12 +5,13 @@ peak-memory counter is that configuration's alone): prefill `context` random tok
 segment (the time includes compiling), then time `--steps` greedy decoding steps (sample, then
 step, each waited for as a chat loop would; every chunk_len-th step also encodes a chunk and
 retrieves: it scores every earlier chunk's landmark key, `--key_block` chunks per block, each
-block sent from host memory with chunk memory "host"). Params are the config's initialisation:
+block sent from host memory with chunk memory "host"; a prefill segment copies the chunks it
+retrieved `--gather_block` at a time). Params are the config's initialisation:
 latency and memory do not depend on their values. Prints a table; writes JSON.
 
   python3 bench/decode.py --config configs/drt_pg19.py --out $OUT/decode.json \
       [--contexts 65536,1048576,4194304,16777216] [--memories device,host] [--steps 512] \
-      [--key_block 8192] [--set model.impl=xla ...]
+      [--key_block 8192] [--gather_block 256] [--set model.impl=xla ...]
 """
 
 import argparse
@@ -27,7 +28,7 @@ sys.path.insert(0, REPO)
 
 
 def measure(config_path: str, overrides, context: int, memory: str, steps: int,
-            segment_len: int, key_block: int, seed: int) -> dict:
+            segment_len: int, seed: int, **transfers) -> dict:
   """One configuration, in this process."""
   import flax.linen as nn
   import jax
@@ -44,7 +45,7 @@ def measure(config_path: str, overrides, context: int, memory: str, steps: int,
   params = nn.meta.unbox(lm.init_params(lm.make_model(model_config), jax.random.key(seed), 1,
                                         model_config.chunk_len))
   decoder = inference.Decoder(model_config, params, max_len=context + steps,
-                              segment_len=segment_len, key_block=key_block)
+                              segment_len=segment_len, **transfers)
   session = decoder.start(1, memory)
   tokens = np.random.default_rng(seed).integers(0, model_config.vocab_size, (1, context))
   start = time.perf_counter()
@@ -74,7 +75,7 @@ def measure(config_path: str, overrides, context: int, memory: str, steps: int,
       # Live device memory once the context is in (model, caches, state) and after decoding.
       "in_use_after_prefill_gib": after_prefill,
       "in_use_after_decode_gib": _device_gib("bytes_in_use"),
-      "key_block": key_block,
+      **transfers,
       "device": jax.devices()[0].device_kind, "config": config_path, "overrides": overrides,
   }
 
@@ -97,6 +98,8 @@ def main():
                       "multiple of model.chunk_len")
   parser.add_argument("--key_block", type=int, default=8192, help="landmark keys scored per "
                       "block at a retrieval, in chunks")
+  parser.add_argument("--gather_block", type=int, default=256, help="retrieved chunks' K/V "
+                      "copied to the device per piece in a prefill segment")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", required=True)
   parser.add_argument("--single", help=argparse.SUPPRESS)  # context,memory: measure in-process
@@ -104,15 +107,16 @@ def main():
   if args.single:
     context, memory = args.single.split(",")
     print(json.dumps(measure(args.config, args.set, int(context), memory, args.steps,
-                             args.segment_len, args.key_block, args.seed)))
+                             args.segment_len, args.seed, key_block=args.key_block,
+                             gather_block=args.gather_block)))
     return
   rows = []
   for memory in args.memories.split(","):
     for context in map(int, args.contexts.split(",")):
       command = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--steps",
                  str(args.steps), "--segment_len", str(args.segment_len), "--key_block",
-                 str(args.key_block), "--seed", str(args.seed), "--out", args.out, "--single",
-                 f"{context},{memory}"]
+                 str(args.key_block), "--gather_block", str(args.gather_block), "--seed",
+                 str(args.seed), "--out", args.out, "--single", f"{context},{memory}"]
       command += [f"--set={assignment}" for assignment in args.set]
       result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
       if result.returncode:

@@ -11,7 +11,9 @@ Retrieval at a landmark is the training-time one (lmk_norm, scores / sqrt(d), ca
 softmax of the chosen scores, no noise), so decoding picks the chunks the one-shot forward picks.
 The jitted pieces return the landmark queries; the session scores them against the stored
 landmark keys a block of `key_block` chunks at a time (one transfer and one jitted top-k merge
-per block, retrieval.merge_top_k), so with host memory no device array grows with the context.
+per block, retrieval.merge_top_k); a prefill segment copies the K/V of the chunks it retrieved,
+`gather_block` chunks at a time, into one device buffer sized for the most a segment can retrieve.
+So with host memory no device array grows with the context.
 
 Tokens go in as segments of whole chunks (batch mode over the cached history; the retrieval
 computed at a segment's last landmark serves the next segment's first chunk) or one at a time (a
@@ -170,19 +172,27 @@ def _active_slots(active: Retrieval, group: int) -> Retrieval:
 
 
 def _local_slots(indices, valid):
-  """Chunk ids [b, n, K] -> (the distinct valid ids per sequence, padded with 0 to [b, n * K],
-  ids as positions in that list [b, n, K]).
-
-  n * K slots hold them at any context length, so the K/V gathered for a segment have the same
-  shape and memory at every context (the distinct count grows with it up to n * K).
-  """
-  needed = np.zeros((len(indices), indices[0].size), np.int32)
+  """Chunk ids [b, n, K] -> (the distinct valid ids per sequence, padded with 0 to [b, U] where
+  U is the most any sequence has, ids as positions in that list [b, n, K])."""
+  distinct = [np.unique(indices[i][valid[i]]) for i in range(len(indices))]
+  needed = np.zeros((len(indices), max(1, max(len(ids) for ids in distinct))), np.int32)
   local = np.zeros(indices.shape, np.int32)
-  for i in range(len(indices)):
-    ids = np.unique(indices[i][valid[i]])
+  for i, ids in enumerate(distinct):
     needed[i, :len(ids)] = ids
     local[i][valid[i]] = np.searchsorted(ids, indices[i][valid[i]])
   return needed, local
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def _empty_slots(piece, *, width: int):
+  """A [b, width, ...] buffer of piece's dtype and trailing shape (piece [b, P, ...])."""
+  return jnp.zeros(piece.shape[:1] + (width,) + piece.shape[2:], piece.dtype)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_slots(buffer, piece, start):
+  """buffer [b, W, ...] with piece [b, P, ...] written at slots start .. start + P - 1, in place."""
+  return jax.lax.dynamic_update_slice_in_dim(buffer, piece, start, axis=1)
 
 
 # The jitted pieces, module-level with the (hashable) ModelConfig static, so every Decoder of a
@@ -294,10 +304,14 @@ class Decoder:
       top-k merge each; with host chunk memory the device holds about a block of keys at a
       time). Not capped at the capacity: one block shape at every context length, so the
       device memory of a retrieval does not depend on it.
+    gather_block: chunks' K/V copied to the device per piece when a segment gathers the chunks
+      it retrieved: they go, piece by piece, into one buffer of segment/chunk_len x K chunks
+      (the most a segment can retrieve), so only the retrieved chunks are copied and the
+      device memory is the same at every context length.
   """
 
   def __init__(self, config: ModelConfig, params, *, max_len: int, segment_len: int,
-               key_block: int = 8192):
+               key_block: int = 8192, gather_block: int = 256):
     if config.arch != "drt":
       raise ConfigError(f"model.arch={config.arch!r}: incremental decoding needs 'drt'")
     if config.retrieval != "learned":
@@ -309,8 +323,9 @@ class Decoder:
     if not isinstance(segment_len, int) or segment_len < c or segment_len % c:
       raise ConfigError(f"segment_len={segment_len!r}: must be a positive multiple of "
                         f"model.chunk_len={c}")
-    if not isinstance(key_block, int) or key_block < 1:
-      raise ConfigError(f"key_block={key_block!r}: must be a positive integer")
+    for name, value in (("key_block", key_block), ("gather_block", gather_block)):
+      if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r}: must be a positive integer")
     self.config = config
     self.params = params
     self.max_len = max_len
@@ -320,6 +335,9 @@ class Decoder:
     self.key_block = key_block
     # Whole blocks, so every block has one shape (one compilation); the excess is never visible.
     self.key_capacity = -(-self.capacity // self.key_block) * self.key_block
+    most = segment_len // c * self.topk  # chunks one segment may retrieve
+    self.gather_block = min(gather_block, most)
+    self.gather_width = -(-most // self.gather_block) * self.gather_block  # whole pieces
 
   def start(self, batch: int, chunk_memory: str = "device") -> "Session":
     """A session of `batch` empty sequences; chunk_memory ("device" or "host") is where their
@@ -503,7 +521,7 @@ class Session:
       active.append(jax.tree.map(lambda a: a[:, -1], selected))
       self._record(g, np.arange(self.batch), selected)
       x, cache, queries = _segment_group(
-          c, d.params, cache, x, self.store.gather(needed),
+          c, d.params, cache, x, self._gather_retrieved(needed),
           serving._replace(indices=jnp.asarray(local)), group=g, history=history)
     active = _stack_groups(active)
     kv = self.store.gather(np.asarray(active.indices).reshape(self.batch, -1))
@@ -511,6 +529,22 @@ class Session:
                                active_kv=kv.reshape(state.active_kv.shape))
     self.lengths += tokens.shape[1]
     return x
+
+  def _gather_retrieved(self, needed):
+    """Chunk ids [b, U] -> their K/V in slots 0 .. U - 1 of a device buffer
+    [b, gather_width, S, 2, heads, head_dim] (the other slots hold zeros), piece by piece."""
+    d = self.decoder
+    buffer = None
+    for start in range(0, needed.shape[1], d.gather_block):
+      if buffer is not None:
+        # As in _retrieve: one piece in flight, or device memory grows with the piece count.
+        jax.block_until_ready(buffer)
+      ids = needed[:, start:start + d.gather_block]
+      piece = self.store.gather(np.pad(ids, ((0, 0), (0, d.gather_block - ids.shape[1]))))
+      if buffer is None:
+        buffer = _empty_slots(piece, width=d.gather_width)
+      buffer = _put_slots(buffer, piece, start)
+    return buffer
 
   def _record(self, group: int, rows, selected: Retrieval):
     """Keeps the chunk ids retrieved at landmarks (selected [b, n, K]) of sequences `rows`."""

@@ -58,8 +58,10 @@ PLANS = {
     "ragged": [10, 25, 9],  # 10 = 1 chunk + 3 steps; 25 = 4 steps to a boundary, 2 segments...
     "chunks": [7] * 8,  # one-chunk segments: each attends to a history shorter than the window
 }
-# Landmark keys scored per block: all 8 chunks in one; blocks of 3 chunks, the last one partial.
-KEY_BLOCKS = (8192, 3)
+# Host/device transfer sizes: the defaults (all 8 chunks' keys in one block, a segment's retrieved
+# chunks in one piece), and small ones (keys in blocks of 3 chunks, the last one partial; the
+# retrieved chunks' K/V in pieces of 2).
+BLOCKS = {"whole": {}, "small": {"key_block": 3, "gather_block": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +69,9 @@ def runs(setup):
   _, params, decoder = setup
   tokens = np.asarray(random_tokens(1, 2, 7 * CHUNKS))
   results = {}
-  for key_block in KEY_BLOCKS:
+  for blocks, sizes in BLOCKS.items():
     blocked = inference.Decoder(decoder.config, params, max_len=decoder.max_len,
-                                segment_len=SEGMENT, key_block=key_block)
+                                segment_len=SEGMENT, **sizes)
     for plan, feeds in PLANS.items():
       for memory in inference.CHUNK_MEMORIES:
         session = blocked.start(2, memory)
@@ -79,18 +81,18 @@ def runs(setup):
           done += size
         hidden += [session.step(tokens[:, t])[:, None] for t in range(done, tokens.shape[1])]
         logits = np.asarray(decoder.logits(jnp.concatenate(hidden, axis=1)))
-        results[plan, memory, key_block] = logits, session
+        results[plan, memory, blocks] = logits, session
   return tokens, results
 
 
-@pytest.mark.parametrize("key_block", KEY_BLOCKS)
+@pytest.mark.parametrize("blocks", list(BLOCKS))
 @pytest.mark.parametrize("memory", inference.CHUNK_MEMORIES)
 @pytest.mark.parametrize("plan", list(PLANS))
-def test_incremental_logits_equal_the_one_shot_forward(setup, runs, plan, memory, key_block):
+def test_incremental_logits_equal_the_one_shot_forward(setup, runs, plan, memory, blocks):
   model, params, _ = setup
   tokens, results = runs
   expected, _ = _one_shot(model, params, tokens)
-  np.testing.assert_allclose(results[plan, memory, key_block][0], expected, rtol=0, atol=1e-4)
+  np.testing.assert_allclose(results[plan, memory, blocks][0], expected, rtol=0, atol=1e-4)
 
 
 def test_retrieval_picks_the_chunks_of_the_batch_forward(setup, runs):
@@ -109,9 +111,9 @@ def test_retrieval_picks_the_chunks_of_the_batch_forward(setup, runs):
 def test_host_chunk_memory_gives_the_device_result(runs):
   _, results = runs
   for plan in PLANS:
-    for key_block in KEY_BLOCKS:
-      np.testing.assert_array_equal(results[plan, "host", key_block][0],
-                                    results[plan, "device", key_block][0])
+    for blocks in BLOCKS:
+      np.testing.assert_array_equal(results[plan, "host", blocks][0],
+                                    results[plan, "device", blocks][0])
 
 
 @pytest.mark.parametrize("block", [1, 2, 3, 5, 13])
@@ -225,6 +227,8 @@ def test_bad_inputs_are_named(setup):
     inference.Decoder(mc, decoder.params, max_len=56, segment_len=10)
   with pytest.raises(config_lib.ConfigError, match="key_block=0: must be a positive integer"):
     inference.Decoder(mc, decoder.params, max_len=56, segment_len=14, key_block=0)
+  with pytest.raises(config_lib.ConfigError, match="gather_block=-1: must be a positive integer"):
+    inference.Decoder(mc, decoder.params, max_len=56, segment_len=14, gather_block=-1)
   with pytest.raises(config_lib.ConfigError, match="chunk_memory='disk'"):
     decoder.start(1, "disk")
 
