@@ -55,6 +55,23 @@ def sliding_window(q, k, v, slopes, *, window: int, scale: float, impl: str):
   return _per_batch_shard(kernel, (q, k, v), (slopes,))
 
 
+def sliding_window_decode(q, k_cache, v_cache, slopes, *, window: int, scale: float, position,
+                          impl: str):
+  """One new query per sequence against a ring-buffer KV cache (inference). q [b, heads, d],
+  k/v_cache [b, cache_len, kv_heads, d], position int [b] -> like q."""
+  settings = dict(window=window, scale=scale)
+  if impl != "pallas":
+    return sliding_window_ops.sliding_window_decode_reference(q, k_cache, v_cache, slopes,
+                                                              position=position, **settings)
+
+  def kernel(q, k_cache, v_cache, position, *slopes):
+    return sliding_window_ops.sliding_window_decode(q, k_cache, v_cache, *slopes,
+                                                    position=position, interpret=_interpret(),
+                                                    **settings)
+  return _per_batch_shard(kernel, (q, k_cache, v_cache, position),
+                          () if slopes is None else (slopes,))
+
+
 def grouped_cross_attention(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int,
                             softmax_off_by_one: bool, impl: str):
   """GCA (kernels_pallas/gca.py). q [b, n, s, heads, d], k/v_mem [b, m, t, kv_heads, d],
@@ -62,6 +79,12 @@ def grouped_cross_attention(q, k_mem, v_mem, indices, weights, *, scale: float, 
   settings = dict(scale=scale, num_keys=num_keys, softmax_off_by_one=softmax_off_by_one)
   if impl != "pallas":
     return gca_ops.gca_reference(q, k_mem, v_mem, indices, weights, **settings)
+  if q.shape[1] == 1:
+    # One query chunk per sequence, e.g. a decoding step's single row: gca_decode pads the rows
+    # to the smallest kernel tile.
+    decode = functools.partial(gca_ops.gca_decode, interpret=_interpret(), **settings)
+    out = _per_batch_shard(decode, (q[:, 0], k_mem, v_mem, indices[:, 0], weights[:, 0]))
+    return out[:, None]
   kernel = functools.partial(gca_ops.gca, interpret=_interpret(), **settings)
   return _per_batch_shard(kernel, (q, k_mem, v_mem, indices, weights))
 

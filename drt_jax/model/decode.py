@@ -9,7 +9,6 @@ keys/values in a ring buffer (flax collection "cache"): position p of the landma
 lives in slot p % (window + 1).
 """
 
-import dataclasses
 import functools
 
 import flax.linen as nn
@@ -86,9 +85,9 @@ class CachedSelfAttention(nn.Module):
       slot = (jnp.arange(batch), jnp.remainder(p, size))
       k_cache.value = k_cache.value.at[slot].set(k[:, 0])
       v_cache.value = v_cache.value.at[slot].set(v[:, 0])
-      out = sliding_window_ops.sliding_window_decode_reference(
+      out = attention.sliding_window_decode(
           q[:, 0], k_cache.value, v_cache.value, slopes, window=c.window, scale=scale,
-          position=p)[:, None]
+          position=p, impl=c.impl)[:, None]
     else:
       h = self.history
       past = lambda cache: _rows_by_position(cache, p - size)[:, size - h:]  # noqa: E731
@@ -115,9 +114,7 @@ class DecodeDRT(nn.Module):
   history: int = 0
 
   def setup(self):
-    # A step has one query row per sequence: too few for the Pallas kernels to tile (FlashGCA
-    # takes >= 16 rows) and memory-bound anyway, so steps run the plain-JAX ops.
-    c = self.config if self.mode == "segment" else dataclasses.replace(self.config, impl="xla")
+    c = self.config
     cached = functools.partial(CachedSelfAttention, mode=self.mode, history=self.history)
     self.embed = token_embedding(c)
     self.landmark = self.param("landmark", layers.normal_init(c, ("embed",)), (c.d_model,),
