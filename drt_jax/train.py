@@ -114,12 +114,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     state = train_lib.restore_checkpoint(manager, trainer.abstract_state, train_iter)
     _say(f"resumed from {workdir} at step {int(state.step)}" + (
         " (train.init_from is read only by a run's first start)" if config.train.init_from else ""))
+  elif init_from:
+    state = trainer.state_from_params(init_params)
+    _say(f"params from {source} (train.init_from); step 0, fresh optimizer state")
   else:
     state = trainer.init_state(config.seed)
-    if init_from:
-      # A fresh optimizer state does not depend on the params' values (Adam's moments start at 0).
-      state = state.replace(params=init_params)
-      _say(f"params from {source} (train.init_from); step 0, fresh optimizer state")
   start = int(state.step)
   total_steps = config.train.num_train_steps
   if start >= total_steps:

@@ -115,6 +115,15 @@ class Trainer:
                      out_shardings=self.state_shardings)
       return init(jax.random.key(seed))
 
+  def state_from_params(self, params) -> TrainState:
+    """Step 0 and a fresh optimizer state around given params (unboxed, as abstract_state's):
+    a run that starts from another run's params."""
+    with self._context():
+      start = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                           opt_state=self.optimizer.init(p)),
+                      out_shardings=self.state_shardings)
+      return start(params)
+
   def global_batch(self, local_batch: dict) -> dict:
     """Host-local numpy batch rows -> global arrays sharded over the data axes."""
     return {name: jax.make_array_from_process_local_data(self.batch_sharding, value)
