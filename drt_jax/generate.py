@@ -31,7 +31,7 @@ def define_session_flags(max_len_help: str):
   """Flags every inference program shares: config, checkpoint and the decoding session's sizes."""
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_string("checkpoint", None, "Run folder (train.py --workdir) or its checkpoints/ "
-                      "folder; the latest step is used.")
+                      "folder (the latest step is used), or one step's folder in it.")
   flags.DEFINE_integer("max_len", None, max_len_help)
   flags.DEFINE_integer("segment_len", None, "Tokens per prefill segment (default: data.seq_len, "
                        "the training length).")
