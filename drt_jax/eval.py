@@ -5,6 +5,8 @@ ppl: perplexity over windows of each length from the held-out stream, non-overla
 --stride tokens scoring only each window's last stride tokens (REFERENCE_DRT.md §7.1).
 passkey, multikey, multihop: data/tasks.py samples in held-out text over a grid of lengths x needle
 depths; the model greedily decodes the answer, which must match exactly, every token (§7.2-7.4).
+Each length also reports how often the retrieval serving the answer held the needle's chunks
+(needle_retrieved): misses then read as the retriever's or the reader's.
 
 Writes --out (JSON) and its plots beside it: <out>_heatmap.png (accuracy by depth and length) and
 <out>_accuracy.png (accuracy against length), or <out>_perplexity.png. Every input is checked
@@ -138,20 +140,43 @@ def evaluate_retrieval(decoder, builder, settings: Settings, stream, progress=Tr
     per_depth = -(-int(count) // s.depths)
     grid = np.repeat(depths, per_depth)  # sample i sits at depth grid[i]
     start = time.perf_counter()
-    hits = []
+    hits, found = [], []
     with tqdm.tqdm(total=len(grid), desc=f"{s.task} @ {length}", disable=not progress) as bar:
       for first in range(0, len(grid), s.batch):
         batch = [sample(length, i, grid[i]) for i in range(first, min(first + s.batch, len(grid)))]
-        answers = generate_lib.generate(decoder, [x.prompt for x in batch], answer_len,
-                                        chunk_memory=s.chunk_memory)
+        answers, session = generate_lib.continue_prompts(
+            decoder, [x.prompt for x in batch], answer_len, chunk_memory=s.chunk_memory)
         hits += [tasks_lib.exact_match(x, a) for x, a in zip(batch, answers)]
-        bar.set_postfix(accuracy=f"{np.mean(hits):.3f}", refresh=False)
+        retrieved = [session.retrieved(g) for g in range(decoder.config.num_groups)]
+        found += [needle_retrieved(x, [rows[i] for rows in retrieved], decoder.config.chunk_len)
+                  for i, x in enumerate(batch)]
+        bar.set_postfix(accuracy=f"{np.mean(hits):.3f}", retrieved=f"{np.mean(found):.3f}",
+                        refresh=False)
         bar.update(len(batch))
     hits = np.asarray(hits).reshape(len(depths), per_depth)
+    found = np.asarray(found).reshape(len(depths), per_depth)
     results.append({"length": length, "accuracy": float(hits.mean()), "samples": hits.size,
                     "by_depth": {f"{d:g}": float(h.mean()) for d, h in zip(depths, hits)},
+                    "needle_retrieved": float(found.mean()),
+                    "retrieved_by_depth": {f"{d:g}": float(f.mean())
+                                           for d, f in zip(depths, found)},
+                    "missed_though_retrieved": int((found & ~hits).sum()),
                     "wall_s": time.perf_counter() - start})
   return results
+
+
+def needle_retrieved(sample: tasks_lib.Sample, retrieved, chunk_len: int) -> bool:
+  """Whether the retrieval serving the answer's chunk held every chunk of the answer's values.
+
+  retrieved: per group, int [chunks, K] of the sample's sequence (Session.retrieved); row j is
+  what chunk j's landmark retrieved, which serves chunk j + 1. Chunks the answer chunk's own
+  predecessor covers (it and the answer chunk are not retrievable there) count as held: the
+  sliding window sees them. Any group's retrieval counts: each group's GCA reads its own.
+  """
+  serving = sample.answer_start // chunk_len - 1
+  needed = set((sample.evidence // chunk_len).tolist()) - {serving, serving + 1}
+  held = set(np.concatenate([rows[serving] for rows in retrieved]).tolist())
+  return needed <= held
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
@@ -229,9 +254,13 @@ def plot(results: dict, out: str) -> dict:
     fig.colorbar(image, ax=ax)
     figures[base + "_heatmap.png"] = fig
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(lengths, [r["accuracy"] for r in rows], marker="o")
+    ax.plot(lengths, [r["accuracy"] for r in rows], marker="o", label="answer exact match")
+    ax.plot(lengths, [r["needle_retrieved"] for r in rows], marker="x", linestyle="--",
+            label="needle's chunks retrieved")
+    ax.legend(loc="lower left")
     ax.set(xscale="log", ylim=(-0.02, 1.02), xlabel="context length (tokens)",
-           ylabel="accuracy", title=f"{results['task']}, trained on {results['train_len']} tokens")
+           ylabel="fraction of samples",
+           title=f"{results['task']}, trained on {results['train_len']} tokens")
     figures[base + "_accuracy.png"] = fig
   return figures
 
@@ -303,8 +332,9 @@ def main(argv):
           generate_lib.CheckpointError) as error:
     raise SystemExit(f"error: {error}") from None
   for row in results["results"]:
-    value = row["perplexity"] if settings.task == "ppl" else row["accuracy"]
-    print(f"{settings.task} length {row['length']:>9}: {value:.4f} ({row['wall_s']:.1f} s)")
+    value = (f"{row['perplexity']:.4f}" if settings.task == "ppl" else
+             f"{row['accuracy']:.4f} (needle retrieved {row['needle_retrieved']:.4f})")
+    print(f"{settings.task} length {row['length']:>9}: {value} ({row['wall_s']:.1f} s)")
 
 
 if __name__ == "__main__":

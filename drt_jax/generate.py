@@ -103,6 +103,15 @@ def generate(decoder: inference.Decoder, prompts: Sequence, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, seed: int = 0,
              chunk_memory: str = "device") -> np.ndarray:
   """Continues every prompt by max_new_tokens tokens -> int32 [len(prompts), max_new_tokens]."""
+  return continue_prompts(decoder, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                          seed=seed, chunk_memory=chunk_memory)[0]
+
+
+def continue_prompts(decoder: inference.Decoder, prompts: Sequence, max_new_tokens: int, *,
+                     temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+                     chunk_memory: str = "device") -> tuple[np.ndarray, inference.Session]:
+  """generate, also returning the session (e.g. for the chunks each landmark retrieved); its
+  last generated token has not been fed."""
   prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
   if not prompts:
     raise inference.InputError("no prompts")
@@ -123,7 +132,7 @@ def generate(decoder: inference.Decoder, prompts: Sequence, max_new_tokens: int,
     tokens.append(token)
     if i + 1 < max_new_tokens:
       hidden = session.step(token)
-  return np.asarray(jnp.stack(tokens, axis=1))
+  return np.asarray(jnp.stack(tokens, axis=1)), session
 
 
 def main(argv):

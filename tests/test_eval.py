@@ -1,9 +1,11 @@
 """drt_jax.eval: retrieval accuracy and perplexity harness, outputs, bad input."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -51,19 +53,55 @@ def test_copying_model_scores_all_and_a_guessing_one_nothing(monkeypatch, tmp_pa
   stream = _haystack(0, 5000)
   rng = np.random.default_rng(0)
 
+  def retrieving(prompts, everything):
+    """A session whose every landmark retrieved all earlier chunks, or nothing."""
+    chunks = len(prompts[0]) // builder.chunk_len
+    rows = np.where(everything, np.arange(chunks)[None, :], -1)
+    rows = np.where(rows < np.arange(chunks)[:, None], rows, -1)  # [landmark, chunks before it]
+    return types.SimpleNamespace(retrieved=lambda group: [rows] * len(prompts))
+
   def copying(decoder, prompts, max_new, **_):
-    return np.stack([copy_the_needle(task, p)[:max_new] for p in prompts])
+    answers = np.stack([copy_the_needle(task, p)[:max_new] for p in prompts])
+    return answers, retrieving(prompts, True)
 
   def guessing(decoder, prompts, max_new, **_):
-    return rng.choice(TOKENIZER.encode("0123456789"), (len(prompts), max_new))
+    answers = rng.choice(TOKENIZER.encode("0123456789"), (len(prompts), max_new))
+    return answers, retrieving(prompts, False)
 
+  decoder = types.SimpleNamespace(config=types.SimpleNamespace(num_groups=2, chunk_len=15))
   for model, expected in ((copying, 1.0), (guessing, 0.0)):
-    monkeypatch.setattr(generate_lib, "generate", model)
-    rows = eval_lib.evaluate_retrieval(None, builder, settings, stream, progress=False)
+    monkeypatch.setattr(generate_lib, "continue_prompts", model)
+    rows = eval_lib.evaluate_retrieval(decoder, builder, settings, stream, progress=False)
     assert [(r["length"], r["samples"]) for r in rows] == [(600, 9), (900, 9)]  # 7: 3 per depth
     for row in rows:
-      assert list(row["by_depth"]) == ["0", "0.5", "1"]
+      assert list(row["by_depth"]) == ["0", "0.5", "1"] == list(row["retrieved_by_depth"])
       assert row["accuracy"] == expected and set(row["by_depth"].values()) == {expected}
+      assert row["needle_retrieved"] == expected and row["missed_though_retrieved"] == 0
+
+
+def test_needle_retrieved_needs_every_chunk_of_the_values():
+  c = 15
+  builder = tasks_lib.TaskBuilder(TOKENIZER, c)
+  sample = builder.make("passkey", _haystack(0, 600), np.random.default_rng(0), 0.5)
+  sample = dataclasses.replace(sample, evidence=np.arange(5) + 7 * c - 2)  # chunks 6 and 7
+  serving = sample.answer_start // c - 1
+  empty = np.full((serving + 1, 3), -1)
+
+  def rows(*held):
+    out = empty.copy()
+    out[serving, :len(held)] = held
+    return out
+
+  assert eval_lib.needle_retrieved(sample, [rows(6, 7)], c)
+  assert eval_lib.needle_retrieved(sample, [rows(2, 7, 6)], c)
+  assert eval_lib.needle_retrieved(sample, [rows(7), rows(6)], c)  # either group's slots count
+  assert not eval_lib.needle_retrieved(sample, [rows(7)], c)  # half the value is missing
+  other = empty.copy()
+  other[serving - 1, :2] = (6, 7)  # an earlier landmark's retrieval serves another chunk
+  assert not eval_lib.needle_retrieved(sample, [other], c)
+  # Values in the serving landmark's own chunk are in the window, not retrievable there.
+  in_window = dataclasses.replace(sample, evidence=np.arange(5) + serving * c)
+  assert eval_lib.needle_retrieved(in_window, [empty], c)
 
 
 @pytest.mark.parametrize("stride", [0, 14])
@@ -135,5 +173,6 @@ def test_cli_passkey_run_writes_json_and_plots(checkpoint, tmp_path):
   assert results["task"] == "passkey" and results["chunk_len"] == 7
   for row, length in zip(results["results"], PASSKEY_LENGTHS):
     assert row["length"] == length and row["samples"] == 4 and 0 <= row["accuracy"] <= 1
-    assert list(row["by_depth"]) == ["0", "1"]
-    assert f"passkey length {length:>9}: {row['accuracy']:.4f}" in result.stdout
+    assert list(row["by_depth"]) == ["0", "1"] and 0 <= row["needle_retrieved"] <= 1
+    assert (f"passkey length {length:>9}: {row['accuracy']:.4f} (needle retrieved "
+            f"{row['needle_retrieved']:.4f})") in result.stdout

@@ -79,6 +79,10 @@ def test_the_answer_sits_where_the_scorer_looks(task, chunk_len, length):
     assert abs(sample.needle_start - sample.depth * room) <= 60
     assert TOKENIZER.decode(sample.tokens[sample.needle_start:sample.needle_start + 4]) in (
         "|The", "|One", "|DEF")
+    # The evidence is the needle tokens holding the answer's values (multihop: two needles).
+    digits = np.isin(sample.answer, TOKENIZER.encode("0123456789"))
+    np.testing.assert_array_equal(sample.tokens[sample.evidence], sample.answer[digits])
+    assert 0 <= sample.evidence.min() and sample.evidence.max() < room
 
 
 @pytest.mark.parametrize("task", tasks_lib.TASKS)

@@ -34,6 +34,7 @@ class Sample:
   answer: np.ndarray  # int32 [A]
   needle_start: int  # index of the first token of the needle holding (the start of) the answer
   depth: float  # the depth asked for: 0 = haystack start, 1 = just before the question
+  evidence: np.ndarray  # int [E]: indices of the needle tokens holding the answer's values
 
   @property
   def prompt(self) -> np.ndarray:
@@ -82,7 +83,7 @@ class TaskBuilder:
 
   def min_length(self, task: str) -> int:
     """The shortest sample (in tokens) `task` fits in: needles, question, an aligned answer."""
-    needles, question, _ = self._pieces(task, np.random.default_rng(0))
+    needles, question, _, _ = self._pieces(task, np.random.default_rng(0))
     return sum(len(n) for n in needles) + len(question) + self.chunk_len + self.answer_len(task)
 
   def make(self, task: str, haystack, rng: np.random.Generator, depth: float) -> Sample:
@@ -91,7 +92,7 @@ class TaskBuilder:
     tokens = np.array(haystack, np.int32)
     self.check(task, len(tokens))
     length = len(tokens)
-    needles, question, answer = self._pieces(task, rng)
+    needles, question, answer, values = self._pieces(task, rng)
     c = self.chunk_len
     answer_start = (length - len(answer) - 1) // c * c + 1
     question_start = answer_start - len(question)
@@ -100,28 +101,35 @@ class TaskBuilder:
       tokens[start:start + len(needle)] = needle
     tokens[question_start:answer_start] = question
     tokens[answer_start:answer_start + len(answer)] = answer
+    evidence = np.concatenate([starts[i] + np.arange(offset, offset + self.digits)
+                               for i, offset in values])
     return Sample(tokens=tokens, answer_start=answer_start, answer=answer,
-                  needle_start=int(starts[0]), depth=float(depth))
+                  needle_start=int(starts[0]), depth=float(depth), evidence=evidence)
 
   def _value(self, rng):
     return self._digit_ids[rng.integers(0, 10, self.digits)]
 
   def _pieces(self, task, rng):
-    """(needles, the answering one first; question; answer) as int32 token arrays."""
+    """(needles, the answering one first; question; answer; values) as int32 token arrays, with
+    values = [(needle index, offset)] of the answer's values inside the needles."""
     t, cat = self._text, np.concatenate
     if task == "passkey":
       value = self._value(rng)
-      return [cat([t["passkey"], value, t["end"]])], t["passkey_q"], value
+      return ([cat([t["passkey"], value, t["end"]])], t["passkey_q"], value,
+              [(0, len(t["passkey"]))])
     if task == "multikey":
       pairs = [(self._value(rng), self._value(rng)) for _ in range(_NOISE_KEYS + 1)]
       needles = [cat([t["key"], k, t["is"], v, t["end"]]) for k, v in pairs]
       key, value = pairs[0]
-      return needles, cat([t["key_q"], key, t["is"]]), value
+      return (needles, cat([t["key_q"], key, t["is"]]), value,
+              [(0, len(t["key"]) + self.digits + len(t["is"]))])
     # multihop: chains a -> b -> c (asked) and a' -> b' -> c' (noise), one needle per hop.
     a, b, c, a2, b2, c2 = (self._value(rng) for _ in range(6))
     needles = [cat([t["hop"], x, t["arrow"], y, t["end"]])
                for x, y in ((a, b), (b, c), (a2, b2), (b2, c2))]
-    return needles, cat([t["hop_q"], a, t["is"]]), cat([b, t["comma"], c])
+    hop_value = len(t["hop"]) + self.digits + len(t["arrow"])
+    return (needles, cat([t["hop_q"], a, t["is"]]), cat([b, t["comma"], c]),
+            [(0, hop_value), (1, hop_value)])
 
   def _place(self, lengths, room: int, depth: float, rng) -> list[int]:
     """Non-overlapping starts in [0, room) for needles of `lengths`: the first at `depth`, the
