@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The passkey length-generalisation reproduction on one GPU: train a small DRT on short sequences
 # with passkey samples mixed in, in two phases (configs/passkey_repro.py on 1008-token samples, then
-# configs/passkey_repro_long.py on 2016-token samples, started from the first phase's params), then
+# configs/passkey_repro_long.py on 4032-token samples, started from the first phase's params), then
 # evaluate passkey retrieval at 1x, 4x, 16x, 64x, 256x and 1000x the training length (the second
 # phase's data.seq_len; 50 samples over 5 needle depths per length, 20 at 1000x), with the chunk
 # memory in host memory. Writes bench/results/passkey_repro.json and its plots
@@ -17,7 +17,7 @@
 #   RUN_DIR         run folder; the phases train in RUN_DIR/short and RUN_DIR/long
 #                   (default: runs/passkey_repro)
 #   OUT             results JSON (default: bench/results/passkey_repro.json)
-#   BATCH           sequences evaluated together (default: 10; host memory ~2 GB each at 1000x)
+#   BATCH           sequences evaluated together (default: 10; host memory ~4 GB each at 1000x)
 #   OVERRIDES       config fields for both phases and the evaluation, e.g. "model.topk=4"
 #   LONG_OVERRIDES  config fields for the second phase and the evaluation only, e.g.
 #                   "data.seq_len=4032 train.global_batch_size=16" (the training length follows)
