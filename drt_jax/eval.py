@@ -214,6 +214,7 @@ def evaluate_perplexity(decoder, settings: Settings, stream, progress=True) -> l
                               windows[:, offset + 1:stop + 1], weights[:, offset + 1:stop + 1],
                               dtype=decoder.config.compute_dtype)
           total, count = total + float(nll), count + float(n)
+          del hidden  # not held while the next piece runs (Session.prefill)
         bar.update(len(rows))
     results.append({"length": length, "nll": total / count,
                     "perplexity": float(np.exp(total / count)), "windows": len(starts),

@@ -429,8 +429,11 @@ class Session:
   def prefill(self, tokens):
     """Feeds tokens (see feed); returns the hidden state of the last one, [batch, d]."""
     for _, hidden in self.feed(tokens):
-      pass
-    return hidden[:, -1]
+      last = hidden[:, -1]
+      # Dropped before the next piece is dispatched: a whole segment's hidden states kept alive
+      # through it raised the peak device memory of long prefills by their size (0.19 GiB).
+      del hidden
+    return last
 
   def step(self, tokens):
     """One token per sequence (int [batch]) -> its hidden state [batch, d]."""
@@ -463,6 +466,7 @@ class Session:
         size = 1
         hidden = self.step(tokens[:, done])[:, None]
       yield done, hidden
+      del hidden  # as in prefill: not held while the next piece runs
       done += size
 
   def _retrieve(self, queries, query_chunks) -> Retrieval:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import weakref
 
 import flax.linen as nn
 import jax
@@ -156,6 +157,24 @@ def test_host_memory_keeps_no_context_sized_array_on_the_device(setup):
   assert not [a.shape for a in jax.live_arrays() if sizes & set(a.shape)]
   store = big.start(2, "device").store  # what the check would see
   assert (store.buffer.shape[1], store.keys.shape[1]) == (1001, 2000)
+
+
+def test_prefill_holds_no_earlier_piece_while_the_next_runs(setup, monkeypatch):
+  """Each segment's hidden states [b, segment, d] are released before the next segment is
+  dispatched; held, they added a segment's hidden states to a long prefill's peak device memory."""
+  _, _, decoder = setup
+  returned, alive = [], []
+  segment = inference.Session._segment
+
+  def tracked(self, tokens):
+    alive.append(sum(ref() is not None for ref in returned))
+    hidden = segment(self, tokens)
+    returned.append(weakref.ref(hidden))
+    return hidden
+
+  monkeypatch.setattr(inference.Session, "_segment", tracked)
+  decoder.start(2, "host").prefill(np.asarray(random_tokens(6, 2, 7 * CHUNKS)))
+  assert alive == [0, 0, 0, 0]  # four segments of two chunks
 
 
 def test_ragged_batch_generation_follows_the_forward(setup):
