@@ -20,7 +20,7 @@
 #   BATCH           sequences evaluated together (default: 10; host memory ~4 GB each at 1000x)
 #   OVERRIDES       config fields for both phases and the evaluation, e.g. "model.topk=4"
 #   LONG_OVERRIDES  config fields for the second phase and the evaluation only, e.g.
-#                   "data.seq_len=4032 train.global_batch_size=16" (the training length follows)
+#                   "data.seq_len=8064 train.global_batch_size=8" (the training length follows)
 set -euo pipefail
 
 phase=${1:-all}
