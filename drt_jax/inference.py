@@ -141,7 +141,7 @@ def _score_block(best, queries, query_chunks, keys, first, *, topk: int):
   against keys float32 [b, n, d] of chunks first .. first + n - 1, each visible to the queries
   of later chunks."""
   scores = retrieval_ops.chunk_scores(queries, keys)
-  mask = first + jnp.arange(keys.shape[1]) < query_chunks[:, :, None]
+  mask = retrieval_ops.causal_chunk_mask(query_chunks, first + jnp.arange(keys.shape[1]))
   return retrieval_ops.merge_top_k(best, scores, mask, first, topk)
 
 

@@ -84,7 +84,7 @@ def test_gumbel_noise_only_in_training_and_reproducible():
 def test_select_chunks_matches_a_sorted_reference():
   rng = np.random.default_rng(0)
   scores = rng.normal(size=(2, 9, 9)).astype(np.float32)
-  mask = np.asarray(retrieval_ops.causal_chunk_mask(9, 9))
+  mask = np.asarray(retrieval_ops.causal_chunk_mask(np.arange(9), np.arange(9)))
   sel = retrieval_ops.select_chunks(jnp.asarray(scores), mask, 4)
   for b in range(2):
     assert np.all(np.asarray(sel.weights)[b, 0] == 0) and not np.any(np.asarray(sel.valid)[b, 0])

@@ -75,7 +75,7 @@ class DRT(nn.Module):
     """Top-k earlier chunks per chunk (§2.5). queries, keys [batch, chunks, d] -> [batch, chunks, k]."""
     c = self.config
     scores = retrieval_ops.chunk_scores(queries, landmark_keys)
-    mask = retrieval_ops.causal_chunk_mask(scores.shape[1], scores.shape[2])
+    mask = retrieval_ops.causal_chunk_mask(jnp.arange(scores.shape[1]), jnp.arange(scores.shape[2]))
     ranking = None
     if c.retrieval == "random":
       ranking = retrieval_ops.gumbel_noise(self.make_rng("gumbel"), scores.shape)

@@ -28,10 +28,10 @@ def chunk_scores(queries, keys):
   return jnp.einsum("bjd,bid->bji", queries.astype(jnp.float32), keys.astype(jnp.float32)) * scale
 
 
-def causal_chunk_mask(num_queries: int, num_keys: int, query_offset: int = 0):
-  """[q, k] bool: key chunk i is visible to query chunk j iff i < j (global ids j = offset + row)."""
-  rows = jnp.arange(num_queries)[:, None] + query_offset
-  return jnp.arange(num_keys)[None, :] < rows
+def causal_chunk_mask(query_chunks, key_chunks):
+  """Chunk ids int [..., q] and [..., k] -> bool [..., q, k]: key chunk i is visible to query
+  chunk j iff i < j."""
+  return key_chunks[..., None, :] < query_chunks[..., :, None]
 
 
 def select_chunks(scores, mask, topk: int, ranking=None) -> Retrieval:
