@@ -9,9 +9,16 @@ block sent from host memory with chunk memory "host"; a prefill segment copies t
 retrieved `--gather_block` at a time). Params are the config's initialisation:
 latency and memory do not depend on their values. Prints a table; writes JSON.
 
+Peak device memory is the allocator's `peak_bytes_in_use`, so it depends on the allocator
+(`--allocator`, XLA_PYTHON_CLIENT_ALLOCATOR of each row's process). JAX's default BFC allocator
+counts the whole free chunk it hands out, and does not split a chunk smaller than twice the
+request: its peak includes padding that depends on the order of earlier allocations, so the same
+program's peak differs by a few percent between runs of different lengths. "cuda_async"
+(cudaMallocAsync) counts the bytes requested: the peak of the program's own buffers.
+
   python3 bench/decode.py --config configs/drt_pg19.py --out $OUT/decode.json \
       [--contexts 65536,1048576,4194304,16777216] [--memories device,host] [--steps 512] \
-      [--key_block 8192] [--gather_block 256] [--set model.impl=xla ...]
+      [--key_block 8192] [--gather_block 256] [--allocator cuda_async] [--set model.impl=xla ...]
 """
 
 import argparse
@@ -23,6 +30,7 @@ import time
 
 import numpy as np
 
+ALLOCATORS = ("default", "cuda_async")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -72,18 +80,24 @@ def measure(config_path: str, overrides, context: int, memory: str, steps: int,
       "plain_step_ms_median": 1e3 * float(np.median(times[~closes])),
       "landmark_step_ms_median": 1e3 * float(np.median(times[closes])) if closes.any() else None,
       "peak_device_gib": _device_gib("peak_bytes_in_use"),
+      "peak_device_bytes": _device_bytes("peak_bytes_in_use"),
       # Live device memory once the context is in (model, caches, state) and after decoding.
       "in_use_after_prefill_gib": after_prefill,
       "in_use_after_decode_gib": _device_gib("bytes_in_use"),
       **transfers,
+      "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default"),
       "device": jax.devices()[0].device_kind, "config": config_path, "overrides": overrides,
   }
 
 
-def _device_gib(stat: str):
-  """One of the device allocator's counters, in GiB (None where the backend has none)."""
+def _device_bytes(stat: str):
+  """One of the device allocator's counters (None where the backend has none)."""
   import jax
-  return (jax.devices()[0].memory_stats() or {}).get(stat, 0) / 2**30 or None
+  return (jax.devices()[0].memory_stats() or {}).get(stat)
+
+
+def _device_gib(stat: str):
+  return (_device_bytes(stat) or 0) / 2**30 or None
 
 
 def main():
@@ -100,6 +114,8 @@ def main():
                       "block at a retrieval, in chunks")
   parser.add_argument("--gather_block", type=int, default=256, help="retrieved chunks' K/V "
                       "copied to the device per piece in a prefill segment")
+  parser.add_argument("--allocator", default="default", choices=ALLOCATORS,
+                      help="XLA_PYTHON_CLIENT_ALLOCATOR of the measuring processes")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", required=True)
   parser.add_argument("--single", help=argparse.SUPPRESS)  # context,memory: measure in-process
@@ -118,7 +134,8 @@ def main():
                  str(args.key_block), "--gather_block", str(args.gather_block), "--seed",
                  str(args.seed), "--out", args.out, "--single", f"{context},{memory}"]
       command += [f"--set={assignment}" for assignment in args.set]
-      result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+      result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                              env=dict(os.environ, XLA_PYTHON_CLIENT_ALLOCATOR=args.allocator))
       if result.returncode:
         row = {"context": context, "chunk_memory": memory,
                "error": (result.stderr.strip().splitlines() or ["?"])[-1]}
@@ -131,6 +148,9 @@ def main():
     if len(mine) > 1:
       print(f"{memory}: step latency at {mine[-1]['context']} / at {mine[0]['context']} = "
             f"{mine[-1]['step_ms_mean'] / mine[0]['step_ms_mean']:.2f}x")
+      if mine[0]["peak_device_bytes"]:
+        print(f"{memory}: peak device memory at {mine[-1]['context']} - at {mine[0]['context']} = "
+              f"{mine[-1]['peak_device_bytes'] - mine[0]['peak_device_bytes']:+,d} bytes")
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "rows": rows}, f,
@@ -142,13 +162,14 @@ def _format(row: dict) -> str:
     return f"{row['context']:>9} {row['chunk_memory']:>6}  error: {row['error']}"
   landmark = row["landmark_step_ms_median"]
   peak = row["peak_device_gib"]
-  return (f"{row['context']:>9} {row['chunk_memory']:>6}  prefill {row['prefill_s']:7.1f} s "
+  return (f"{row['context']:>9} {row['chunk_memory']:>6} {row['allocator']:>10}  prefill "
+          f"{row['prefill_s']:7.1f} s "
           f"({row['prefill_tokens_per_s']:9.0f} tok/s)  step mean "
           f"{row['step_ms_mean']:6.2f} "
           f"p50 {row['step_ms_p50']:6.2f} p99 {row['step_ms_p99']:6.2f} ms  plain "
           f"{row['plain_step_ms_median']:6.2f} landmark "
           f"{'-' if landmark is None else f'{landmark:6.2f}'} ms  peak device "
-          f"{'-' if peak is None else f'{peak:6.2f} GiB'}  in use after prefill / decode "
+          f"{'-' if peak is None else f'{peak:6.3f} GiB'}  in use after prefill / decode "
           f"{row['in_use_after_prefill_gib'] or 0:.3f} / "
           f"{row['in_use_after_decode_gib'] or 0:.3f} GiB")
 

@@ -510,9 +510,12 @@ class Session:
     first = int(self.lengths[0]) // c.chunk_len
     chunks = tokens.shape[1] // c.chunk_len
     history = min(first * c.chunk_size, cache_len(c))
-    x, kv, keys, state, queries = _segment_start(c, d.params, self.state, tokens,
-                                                 history=history)
-    self.store.write(kv, keys, np.full(self.batch, first), np.ones(self.batch, bool))
+    x, encoded, keys, state, queries = _segment_start(c, d.params, self.state, tokens,
+                                                      history=history)
+    self.store.write(encoded, keys, np.full(self.batch, first), np.ones(self.batch, bool))
+    # The store has them now; held through the group calls below, the segment's own chunk K/V
+    # added their size (0.19 GiB for drt_pg19) to a long prefill's peak device memory.
+    del encoded, keys
     query_chunks = np.broadcast_to(first + np.arange(chunks), (self.batch, chunks))
     cache, active = state.cache, []
     for g in range(c.num_groups):

@@ -177,6 +177,29 @@ def test_prefill_holds_no_earlier_piece_while_the_next_runs(setup, monkeypatch):
   assert alive == [0, 0, 0, 0]  # four segments of two chunks
 
 
+def test_segment_releases_its_encoded_chunks_once_stored(setup, monkeypatch):
+  """A segment's own chunk K/V [b, n, S, 2, heads, head_dim] is released once the chunk store
+  has it, before the groups' upper layers run; held through them, it added its size to a long
+  prefill's peak device memory."""
+  _, _, decoder = setup
+  encoded, alive = [], []
+  start, group = inference._segment_start, inference._segment_group
+
+  def tracked_start(*args, **kwargs):
+    outputs = start(*args, **kwargs)
+    encoded.append(weakref.ref(outputs[1]))
+    return outputs
+
+  def tracked_group(*args, **kwargs):
+    alive.append(encoded[-1]() is not None)
+    return group(*args, **kwargs)
+
+  monkeypatch.setattr(inference, "_segment_start", tracked_start)
+  monkeypatch.setattr(inference, "_segment_group", tracked_group)
+  decoder.start(2, "host").prefill(np.asarray(random_tokens(6, 2, 7 * CHUNKS)))
+  assert alive and not any(alive)
+
+
 def test_ragged_batch_generation_follows_the_forward(setup):
   model, params, decoder = setup
   prompts = [np.asarray(random_tokens(seed, 1, n))[0] for seed, n in ((3, 3), (4, 6))]
