@@ -87,9 +87,13 @@ class HostChunkStore:
   copy to the host per write; per retrieval, one transfer per block of landmark keys scored and
   one of the selected chunks.
 
-  Not a jax array in "pinned_host" memory: a retrieval gathers chunks and a write scatters them,
-  and XLA does not run such ops on host-memory arrays on every backend; jax.device_put of whole
-  arrays (one per chunk) works everywhere but costs ~0.1 ms of dispatch per chunk.
+  The K/V are not a jax array in "pinned_host" memory: a retrieval gathers chunks and a write
+  scatters them, and XLA does not run such ops on host-memory arrays on every backend;
+  jax.device_put of whole arrays (one per chunk) works everywhere but costs ~0.1 ms of dispatch
+  per chunk. A block of landmark keys, though, is read whole at every retrieval and never changes
+  once every sequence has filled it: such a block is also kept as a whole jax array in pinned host
+  memory, which copies to the device ~7x faster than numpy's pageable memory (H100: 0.7 vs 5.2 ms
+  per 8192 x 768 float32 keys), and the landmark step at 4M tokens reads 9 blocks.
   """
 
   def __init__(self, batch: int, capacity: int, key_capacity: int, chunk_shape, d_model: int,
@@ -97,23 +101,38 @@ class HostChunkStore:
     # Zero pages are mapped lazily: memory is committed only as chunks are written.
     self.buffer = np.zeros((batch, capacity) + tuple(chunk_shape), np.dtype(dtype))
     self.keys = np.zeros((batch, key_capacity, d_model), np.float32)
+    self.filled = np.zeros(batch, np.int64)  # chunks written per sequence
+    self._pinned = {}  # (first, size) of a block every sequence has filled -> its pinned copy
 
   def write(self, kv, keys, first, rows):
     kv, keys = jax.device_get((kv, keys))
     for i in np.flatnonzero(rows):
       self.buffer[i, first[i]:first[i] + kv.shape[1]] = kv[i]
       self.keys[i, first[i]:first[i] + keys.shape[1]] = keys[i]
+      self.filled[i] = max(self.filled[i], first[i] + keys.shape[1])
 
   def gather(self, indices):
     indices = np.asarray(indices)
     return jax.device_put(self.buffer[np.arange(len(indices))[:, None], indices])
 
   def key_block(self, first: int, size: int):
-    return jax.device_put(self.keys[:, first:first + size])
+    keys = self.keys[:, first:first + size]
+    if first + size > self.filled.min():
+      return jax.device_put(keys)
+    if (first, size) not in self._pinned:
+      self._pinned[first, size] = jax.device_put(keys, _memory("pinned_host"))
+    return jax.device_put(self._pinned[first, size], _memory("device"))
 
   def concatenate(self, others):
     self.buffer = np.concatenate([self.buffer] + [o.buffer for o in others])
     self.keys = np.concatenate([self.keys] + [o.keys for o in others])
+    self.filled = np.concatenate([self.filled] + [o.filled for o in others])
+    self._pinned = {}
+
+
+def _memory(kind: str) -> jax.sharding.Sharding:
+  """Memory `kind` ("device", "pinned_host") of the device inference runs on."""
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=kind)
 
 
 @functools.partial(jax.jit, donate_argnums=0)

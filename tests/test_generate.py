@@ -140,6 +140,27 @@ def test_blocked_top_k_equals_select_chunks(block):
     np.testing.assert_array_equal(np.asarray(have), np.asarray(want), err_msg=name)
 
 
+def test_host_store_pins_a_key_block_once_every_sequence_has_filled_it():
+  """Key blocks are read from a pinned host copy only when no sequence can still write to them
+  (ragged lengths: the shorter row decides); the pinned copy holds the keys the numpy store holds,
+  and merging stores drops the copies of the old batch."""
+  rng = np.random.default_rng(0)
+  store = inference.HostChunkStore(2, 9, 9, (2, 2, 1, 4), 5, jnp.float32)
+  kv = rng.standard_normal((2, 6, 2, 2, 1, 4)).astype(np.float32)
+  keys = rng.standard_normal((2, 6, 5)).astype(np.float32)
+  store.write(kv, keys, np.array([0, 0]), np.array([True, True]))
+  store.write(kv[:, :2], keys[:, :2] + 1, np.array([6, 3]), np.array([True, False]))
+  for first in (0, 3, 6):
+    block = store.key_block(first, 3)
+    np.testing.assert_array_equal(np.asarray(block), store.keys[:, first:first + 3])
+    assert block.sharding.memory_kind == "device"
+  assert list(store._pinned) == [(0, 3), (3, 3)]  # row 1 has written 6 chunks, row 0 8
+  assert all(a.sharding.memory_kind == "pinned_host" for a in store._pinned.values())
+  store.concatenate([inference.HostChunkStore(1, 9, 9, (2, 2, 1, 4), 5, jnp.float32)])
+  assert not store._pinned and store.filled.tolist() == [8, 6, 0]
+  np.testing.assert_array_equal(np.asarray(store.key_block(0, 3)), store.keys[:, :3])
+
+
 def test_host_memory_keeps_no_context_sized_array_on_the_device(setup):
   """With host chunk memory, landmark keys and chunk K/V stay in host memory: no device array has
   a dimension of the capacity (1001 chunks here) or of the keys' whole blocks (2 x 1000), after
