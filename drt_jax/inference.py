@@ -202,16 +202,25 @@ def _local_slots(indices, valid):
   return needed, local
 
 
+def _unstack(kv):
+  """Stacked K/V [..., S, 2, heads, head_dim] -> k, v [..., S, heads, head_dim]."""
+  return kv[..., 0, :, :], kv[..., 1, :, :]
+
+
 @functools.partial(jax.jit, static_argnames=("width",))
 def _empty_slots(piece, *, width: int):
-  """A [b, width, ...] buffer of piece's dtype and trailing shape (piece [b, P, ...])."""
-  return jnp.zeros(piece.shape[:1] + (width,) + piece.shape[2:], piece.dtype)
+  """Zero k, v buffers [b, width, S, heads, head_dim] for the chunks of piece [b, P, S, 2, heads,
+  head_dim]."""
+  b, _, s, _, heads, head_dim = piece.shape
+  return tuple(jnp.zeros((b, width, s, heads, head_dim), piece.dtype) for _ in range(2))
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _put_slots(buffer, piece, start):
-  """buffer [b, W, ...] with piece [b, P, ...] written at slots start .. start + P - 1, in place."""
-  return jax.lax.dynamic_update_slice_in_dim(buffer, piece, start, axis=1)
+def _put_slots(buffers, piece, start):
+  """buffers (k, v) [b, W, ...] with piece's K/V [b, P, ...] written at slots start ..
+  start + P - 1, in place."""
+  return tuple(jax.lax.dynamic_update_slice_in_dim(buffer, part, start, axis=1)
+               for buffer, part in zip(buffers, _unstack(piece)))
 
 
 # The jitted pieces, module-level with the (hashable) ModelConfig static, so every Decoder of a
@@ -229,7 +238,7 @@ def _token_step(config: ModelConfig, params, state: DecodeState, tokens):
     slot = jnp.remainder(state.position, config.chunk_size)
     chunk_rows = state.chunk_rows.at[jnp.arange(batch), slot].set(x[:, 0])
     for g in range(config.num_groups):
-      x = m.upper_layers(g, x, state.active_kv[:, g], _active_slots(state.active, g))
+      x = m.upper_layers(g, x, *_unstack(state.active_kv[:, g]), _active_slots(state.active, g))
     return m.finish(x)[:, 0], chunk_rows
 
   (hidden, chunk_rows), variables = DecodeDRT(config, "step").apply(
@@ -257,7 +266,7 @@ def _landmark_step(config: ModelConfig, params, state: DecodeState, closes):
     queries = []
     for g in range(config.num_groups):
       queries.append(m.retrieval_queries(g, x))
-      x = m.upper_layers(g, x, state.active_kv[:, g], _active_slots(state.active, g))
+      x = m.upper_layers(g, x, *_unstack(state.active_kv[:, g]), _active_slots(state.active, g))
     return chunk_rows, jnp.concatenate(queries, axis=1), keys, kv
 
   (chunk_rows, queries, keys, kv), variables = DecodeDRT(config, "step").apply(
@@ -293,14 +302,15 @@ def _segment_start(config: ModelConfig, params, state: DecodeState, tokens, *, h
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("group", "history"))
-def _segment_group(config: ModelConfig, params, cache, x, kv, serving: Retrieval, *, group: int,
-                   history: int):
-  """Group `group`'s upper layers over x [b, n * S, d] (serving indexes kv [b, m, ...]), then the
-  next group's queries -> (x, cache, float32 [b, n, d]); after the last group, the final norm
-  without landmark rows -> (hidden [b, n * chunk_len, d], cache, None)."""
+def _segment_group(config: ModelConfig, params, cache, x, retrieved, serving: Retrieval, *,
+                   group: int, history: int):
+  """Group `group`'s upper layers over x [b, n * S, d] (serving indexes the chunks of retrieved,
+  k and v [b, m, S, heads, head_dim]), then the next group's queries -> (x, cache, float32
+  [b, n, d]); after the last group, the final norm without landmark rows -> (hidden
+  [b, n * chunk_len, d], cache, None)."""
 
   def run(m):
-    y = m.upper_layers(group, x, kv, serving)
+    y = m.upper_layers(group, x, *retrieved, serving)
     if group + 1 < config.num_groups:
       return y, m.retrieval_queries(group + 1, _landmark_rows(config, y))
     return drop_landmarks(m.finish(y), config.chunk_size), None
@@ -557,20 +567,20 @@ class Session:
     return x
 
   def _gather_retrieved(self, needed):
-    """Chunk ids [b, U] -> their K/V in slots 0 .. U - 1 of a device buffer
-    [b, gather_width, S, 2, heads, head_dim] (the other slots hold zeros), piece by piece."""
+    """Chunk ids [b, U] -> their keys and values in slots 0 .. U - 1 of device buffers k, v
+    [b, gather_width, S, heads, head_dim] (the other slots hold zeros), piece by piece."""
     d = self.decoder
-    buffer = None
+    buffers = None
     for start in range(0, needed.shape[1], d.gather_block):
-      if buffer is not None:
+      if buffers is not None:
         # As in _retrieve: one piece in flight, or device memory grows with the piece count.
-        jax.block_until_ready(buffer)
+        jax.block_until_ready(buffers)
       ids = needed[:, start:start + d.gather_block]
       piece = self.store.gather(np.pad(ids, ((0, 0), (0, d.gather_block - ids.shape[1]))))
-      if buffer is None:
-        buffer = _empty_slots(piece, width=d.gather_width)
-      buffer = _put_slots(buffer, piece, start)
-    return buffer
+      if buffers is None:
+        buffers = _empty_slots(piece, width=d.gather_width)
+      buffers = _put_slots(buffers, piece, start)
+    return buffers
 
   def _record(self, group: int, rows, selected: Retrieval):
     """Keeps the chunk ids retrieved at landmarks (selected [b, n, K]) of sequences `rows`."""

@@ -107,7 +107,9 @@ class DecodeDRT(nn.Module):
   """DRT's parameters, with methods for the pieces inference runs one at a time.
 
   Shapes: b batch, n chunks, S = chunk_len + 1 rows per chunk, d = d_model, m memory chunks,
-  K retrieved chunks. Chunk keys/values travel stacked: kv [b, m, S, 2, heads, head_dim].
+  K retrieved chunks. Chunk keys/values are stored and fetched stacked, kv [b, m, S, 2, heads,
+  head_dim]; the upper layers take them apart, k and v [b, m, S, heads, head_dim], because a slice
+  of the stacked axis inside a jitted piece is a copy of the whole buffer.
   """
   config: ModelConfig
   mode: str  # "step" or "segment", see CachedSelfAttention
@@ -155,10 +157,11 @@ class DecodeDRT(nn.Module):
     start) -> f32 [b, n, d], what DRT.retrieve scores against the landmark keys."""
     return self.lmk_norm[group](landmark_rows)
 
-  def upper_layers(self, group: int, x, kv, serving: retrieval_ops.Retrieval):
-    """Group `group`'s upper blocks. serving indexes kv's m axis."""
+  def upper_layers(self, group: int, x, k, v, serving: retrieval_ops.Retrieval):
+    """Group `group`'s upper blocks over chunk keys and values k, v [b, m, S, heads, head_dim];
+    serving indexes their m axis."""
     for block in self.group[group]:
-      x = block(x, kv[:, :, :, 0], kv[:, :, :, 1], serving)
+      x = block(x, k, v, serving)
     return x
 
   def finish(self, x):
@@ -171,12 +174,12 @@ def init_cache(config: ModelConfig, params, batch: int):
 
   def touch(m):
     x = m.lower_layers(m.token_row(jnp.zeros((batch,), jnp.int32)))
-    kv = jnp.zeros((batch, 1, config.chunk_size, 2, config.num_heads, config.head_dim),
+    kv = jnp.zeros((batch, 1, config.chunk_size, config.num_heads, config.head_dim),
                    config.compute_dtype)
     serving = retrieval_ops.Retrieval(jnp.zeros((batch, 1, 1), jnp.int32),
                                       jnp.zeros((batch, 1, 1)), jnp.zeros((batch, 1, 1), bool))
     for g in range(config.num_groups):
-      x = m.upper_layers(g, x, kv, serving)
+      x = m.upper_layers(g, x, kv, kv, serving)
     return x
 
   shapes = jax.eval_shape(
