@@ -120,19 +120,14 @@ class HostChunkStore:
     if first + size > self.filled.min():
       return jax.device_put(keys)
     if (first, size) not in self._pinned:
-      self._pinned[first, size] = jax.device_put(keys, _memory("pinned_host"))
-    return jax.device_put(self._pinned[first, size], _memory("device"))
+      self._pinned[first, size] = jax.device_put(keys, jax.memory.Space.Host)
+    return jax.device_put(self._pinned[first, size], jax.memory.Space.Device)
 
   def concatenate(self, others):
     self.buffer = np.concatenate([self.buffer] + [o.buffer for o in others])
     self.keys = np.concatenate([self.keys] + [o.keys for o in others])
     self.filled = np.concatenate([self.filled] + [o.filled for o in others])
     self._pinned = {}
-
-
-def _memory(kind: str) -> jax.sharding.Sharding:
-  """Memory `kind` ("device", "pinned_host") of the device inference runs on."""
-  return jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=kind)
 
 
 @functools.partial(jax.jit, donate_argnums=0)

@@ -174,12 +174,12 @@ def init_cache(config: ModelConfig, params, batch: int):
 
   def touch(m):
     x = m.lower_layers(m.token_row(jnp.zeros((batch,), jnp.int32)))
-    kv = jnp.zeros((batch, 1, config.chunk_size, config.num_heads, config.head_dim),
-                   config.compute_dtype)
+    chunk = jnp.zeros((batch, 1, config.chunk_size, config.num_heads, config.head_dim),
+                      config.compute_dtype)  # its keys and its values
     serving = retrieval_ops.Retrieval(jnp.zeros((batch, 1, 1), jnp.int32),
                                       jnp.zeros((batch, 1, 1)), jnp.zeros((batch, 1, 1), bool))
     for g in range(config.num_groups):
-      x = m.upper_layers(g, x, kv, kv, serving)
+      x = m.upper_layers(g, x, chunk, chunk, serving)
     return x
 
   shapes = jax.eval_shape(
