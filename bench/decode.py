@@ -41,7 +41,6 @@ import numpy as np
 ALLOCATORS = ("default", "cuda_async")
 MODES = ("separate", "interleaved")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 class Bench:

@@ -11,17 +11,13 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402  (after sys.path)
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from kernels_pallas import gca as gca_lib  # noqa: E402
+from kernels_pallas import gca as gca_lib
 
 # REFERENCE_DRT.md §2.9: 4 x 259 query chunks of 64 rows, 12 heads of 64, k = 8 over 260 memory
 # chunks whose landmark row is masked (num_keys = 63) with softmax-off-by-one.

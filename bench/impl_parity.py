@@ -8,18 +8,15 @@ and compare the loss curves (issue: FlashGCA / sliding-window kernels wired into
 
 import argparse
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from drt_jax import config as config_lib  # noqa: E402
-from drt_jax import train_lib  # noqa: E402
-from drt_jax.data import pipeline  # noqa: E402
+from drt_jax import config as config_lib
+from drt_jax import train_lib
+from drt_jax.data import pipeline
 
 
 def loss_curve(config, steps: int) -> tuple[list[float], float]:

@@ -53,8 +53,7 @@ def command(name: str, workdir: str, args) -> tuple[list[str], dict]:
   flags = ["--config", args.config, "--workdir", workdir, f"--steps_this_run={args.steps}",
            *DATA_FLAGS, *mesh, f"--config.train.global_batch_size={PER_GPU_BATCH * gpus}",
            *args.set]
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      path for path in (REPO, os.environ.get("PYTHONPATH")) if path))
+  env = dict(os.environ)
   # Only the host platform reads this: on CPU it fakes the run's devices; on GPU it changes nothing.
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
                       f"{gpus // processes}").strip()

@@ -21,13 +21,11 @@ import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402  (after sys.path)
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from kernels_pallas import sliding_window as sw  # noqa: E402
+from kernels_pallas import sliding_window as sw
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 

@@ -15,14 +15,12 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from drt_jax import config as config_lib  # noqa: E402
-from drt_jax import hardware  # noqa: E402
-from drt_jax import train_lib  # noqa: E402
+from drt_jax import config as config_lib
+from drt_jax import hardware
+from drt_jax import train_lib
 
 
 def measure(path: str, overrides: list[str], steps: int, warmup: int) -> dict:

@@ -205,14 +205,11 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Imports a configs/*.py file (as `--config` would) and returns its get_config()."""
+  """Imports a config file by path (as `--config` would) and returns its get_config(). The files
+  import each other as the installed `configs` package (`from configs import base`)."""
   import importlib.util
   import os
-  import sys
 
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if repo not in sys.path:
-    sys.path.insert(0, repo)
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   if spec is None or not os.path.exists(path):
     raise ConfigError(f"config file {path!r} does not exist")

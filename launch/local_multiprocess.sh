@@ -22,7 +22,6 @@ shift
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-$repo/.venv/bin/python}
 [[ -x $python ]] || python=python3
-export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
 free_port='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 port=${PORT:-$("$python" -c "$free_port")}
 log_dir=${LOG_DIR:-$(mktemp -d -t drt_processes.XXXXXX)}

@@ -1,17 +1,19 @@
-"""Test set-up: the repo root on sys.path, and the `gpu` marker (skipped where JAX has no GPU)."""
+"""Test set-up: a shared compilation cache, and the `gpu` marker (skipped where JAX has no GPU).
+
+drt_jax, kernels_pallas and configs come from the installed package (`pip install -e .`, which
+`make test` does); `tests` is a package, so pytest puts the repository root on sys.path for it.
+"""
 
 import os
-import sys
 import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 # Tests compile the same small programs many times (and in subprocesses): share compilations.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import jax  # noqa: E402  (after sys.path)
+import jax  # noqa: E402  (after the cache settings)
 import pytest  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")

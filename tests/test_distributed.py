@@ -73,7 +73,7 @@ def _free_port() -> int:
 def _env(devices_per_process=None):
   """The subprocesses' environment: os.environ (with conftest.py's compilation cache) as it is
   for one device, so one-device runs hit the programs this pytest process compiles."""
-  env = dict(os.environ, PYTHONPATH=REPO, PYTHON=sys.executable)
+  env = dict(os.environ, PYTHON=sys.executable)
   if devices_per_process is not None:
     env.update(JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")

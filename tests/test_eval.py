@@ -152,7 +152,7 @@ def test_bad_input_gives_one_error_and_no_file(checkpoint, tmp_path):
 def test_cli_passkey_run_writes_json_and_plots(checkpoint, tmp_path):
   _, folder, _ = checkpoint
   (tmp_path / "config.py").write_text(
-      f"import sys; sys.path.insert(0, {REPO!r}); from tests.helpers import small_config\n"
+      "from tests.helpers import small_config\n"
       "def get_config(): return small_config()\n")
   out = tmp_path / "out"
   out.mkdir()

@@ -324,8 +324,8 @@ def test_restore_checks_the_config_and_the_cli_generates(tmp_path):
   with pytest.raises(generate_lib.CheckpointError, match="no checkpoint in"):
     generate_lib.restore_params(config, str(tmp_path / "checkpoints" / "1" / "state"))
 
-  script = ("import sys; sys.path.insert(0, {repo!r}); from tests.helpers import small_config\n"
-            "def get_config(): return small_config()\n").format(repo=REPO)
+  script = ("from tests.helpers import small_config\n"
+            "def get_config(): return small_config()\n")
   (tmp_path / "config.py").write_text(script)
   command = [sys.executable, "-m", "drt_jax.generate", "--config", str(tmp_path / "config.py"),
              "--checkpoint", str(tmp_path), "--max_new_tokens", "9", "--temperature", "0.8",

@@ -37,8 +37,6 @@ def test_pallas_path_matches_xla_path_forward_and_gradients():
 
 
 _SHARDED_PALLAS_STEP = """
-import sys
-sys.path.insert(0, {repo!r})
 import jax, numpy as np
 from drt_jax import config as config_lib, train_lib
 from tests.helpers import small_config
@@ -60,7 +58,7 @@ def test_pallas_kernels_run_per_shard_on_a_data_fsdp_mesh():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   losses = {}
   for impl in ("xla", "pallas"):
-    script = _SHARDED_PALLAS_STEP.format(repo=REPO, impl=impl)
+    script = _SHARDED_PALLAS_STEP.format(impl=impl)
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, timeout=600,
                             capture_output=True, text=True, check=True)
     losses[impl] = float(result.stdout.strip().splitlines()[-1])

@@ -171,8 +171,6 @@ def test_init_from_refuses_a_missing_or_different_source(tmp_path, phase_one, so
 
 
 _SHARDED_SCRIPT = """
-import sys
-sys.path.insert(0, {repo!r})
 import jax
 from drt_jax import train as train_main
 from drt_jax.data import DataError
@@ -189,7 +187,7 @@ def test_eight_fake_devices_match_one_device(tmp_path, straight_run, data, fsdp)
   sharded = str(tmp_path / "sharded")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  script = _SHARDED_SCRIPT.format(repo=REPO, data=data, fsdp=fsdp, workdir=sharded)
+  script = _SHARDED_SCRIPT.format(data=data, fsdp=fsdp, workdir=sharded)
   subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=REPO, timeout=600)
   _assert_same_curve(dict(_train_losses(sharded)), straight_run, [5, 10])
 
