@@ -1,4 +1,4 @@
-"""Defaults shared by every experiment: the paper's DRT (REFERENCE_DRT.md §2, §6, §9).
+"""Defaults shared by every experiment: the paper's DRT (docs/specification.md §2, §6, §9).
 
 Experiment files import `get_config()` from here and override fields; every architectural
 choice of the paper is a field so an ablation is a config file, not a code path.
@@ -13,7 +13,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   model = config.model = ml_collections.ConfigDict()
   model.arch = "drt"  # "drt" (retrieval) or "swa" (sliding-window baseline, no landmarks)
-  model.vocab_size = 259  # rows of the tied embedding; must cover the tokenizer's vocab
+  # Rows of the tied embedding; must cover the tokenizer's vocabulary. 0 = exactly the vocabulary
+  # size of data.tokenizer (read from its file). 259: the byte tokenizer's 257 and two spare rows.
+  model.vocab_size = 259
   model.d_model = 768  # D
   model.num_heads = 12  # h; head_dim = d_model / num_heads
   model.num_kv_heads = 12  # self-attention K/V heads (GQA when < num_heads)
@@ -29,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.residual = "reference"  # "reference": GCA only feeds the MLP input; "standard": x + GCA
   model.softmax_off_by_one = True  # GCA softmax gets +1 in its denominator (the zeroed landmark row)
   model.rms_eps = 1e-5
-  model.encoder_rms_eps = 1e-6  # the reference encoder's LlamaConfig default (§8 item 8)
+  model.encoder_rms_eps = 1e-6  # the reference encoder's library default (§8 item 8)
   model.rope_theta = 10000.0  # encoder RoPE base
   model.init_std = 0.02
   model.impl = "xla"  # attention/GCA implementation: "xla" or "pallas"
@@ -37,13 +39,19 @@ def get_config() -> ml_collections.ConfigDict:
   model.remat = False  # rematerialise every block in the backward pass
 
   data = config.data = ml_collections.ConfigDict()
-  data.source = "pydoc"  # "pydoc" or "pystdlib" (ship with Python), "text" (data.path), "tfds"
-  data.path = ""  # file or folder of text files, for source="text"
+  # "pydoc" or "pystdlib" (ship with Python); "text", "jsonl", "parquet" or "datasets" (data.path);
+  # "tfds" (data.tfds_name). drt_jax/data/sources.py says how each is read.
+  data.source = "pydoc"
+  data.path = ""  # file or folder (text, jsonl, parquet) or save_to_disk folder (datasets)
+  # Held-out files of the same kind as data.path (a DatasetDict: its "validation" split);
+  # "" = hold out the last data.eval_fraction of data.path's token stream.
+  data.eval_path = ""
+  data.text_field = "text"  # the text field of jsonl records, parquet and datasets columns
   data.tfds_name = ""  # e.g. "pg19" or "drt_text_files", for source="tfds"
   data.tfds_data_dir = ""  # TFDS data_dir; empty = TFDS default
   data.tokenizer = "byte"  # "byte" or a path to a HuggingFace tokenizers JSON file
   data.seq_len = 16380  # T: raw tokens per training sample, a multiple of model.chunk_len
-  data.eval_fraction = 0.05  # tail of the token stream held out for eval (sources without a split)
+  data.eval_fraction = 0.05  # tail of the token stream held out for eval (no eval_path, not tfds)
   data.cache_dir = ""  # where tokenized corpora are cached; empty = ~/.cache/drt_jax
   data.worker_count = 0  # grain worker processes (0 = in the main process)
   # Fraction of training samples turned into synthetic retrieval tasks on their own window
@@ -70,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.log_every = 50
   train.eval_every = 5000
   train.eval_batches = 16  # batches per periodic eval
+  # Sequences per eval batch, over all devices; 0 = the training micro-batch (global_batch_size /
+  # grad_accum_steps). A held-out set smaller than the batches pads them with unscored rows.
+  train.eval_batch_size = 0
   train.checkpoint_every = 5000
   train.keep_checkpoints = 3
   train.init_from = ""  # a run folder whose newest params a new --workdir starts from; "" = random

@@ -138,6 +138,9 @@ def _validate_train(train, data_seq_len):
   for name in ("global_batch_size", "grad_accum_steps", "num_train_steps", "log_every",
                "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
     _positive_int(f"train.{name}", train[name])
+  _require(isinstance(train.eval_batch_size, int) and not isinstance(train.eval_batch_size, bool)
+           and train.eval_batch_size >= 0, "train.eval_batch_size", train.eval_batch_size,
+           "must be an integer >= 0 (0 = the training micro-batch)")
   _require(train.global_batch_size % train.grad_accum_steps == 0, "train.grad_accum_steps",
            train.grad_accum_steps, f"must divide train.global_batch_size={train.global_batch_size}")
   _require(train.learning_rate > 0, "train.learning_rate", train.learning_rate, "must be > 0")
@@ -165,7 +168,13 @@ def _validate_mesh(mesh):
 
 
 def validate(config: ml_collections.ConfigDict) -> ModelConfig:
-  """Checks every field; returns the typed model config. Raises ConfigError naming the field."""
+  """Checks every field; returns the typed model config. Raises ConfigError naming the field.
+
+  model.vocab_size=0 is replaced, in `config` itself, by the vocabulary size of data.tokenizer, so
+  that what is saved with a run (config.json) holds the number.
+  """
+  if config.model.vocab_size == 0:
+    config.model.vocab_size = _tokenizer_vocab_size(config.data.tokenizer)
   model = ModelConfig.from_config(config.model)
   seq_len = config.data.seq_len
   _positive_int("data.seq_len", seq_len)
@@ -176,6 +185,17 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   _validate_train(config.train, seq_len)
   _validate_mesh(config.mesh)
   return model
+
+
+def _tokenizer_vocab_size(tokenizer: str) -> int:
+  from drt_jax.data import DataError
+  from drt_jax.data import tokenizer as tokenizer_lib
+
+  try:
+    return tokenizer_lib.make_tokenizer(tokenizer).vocab_size
+  except DataError as error:
+    raise ConfigError(f"model.vocab_size=0 takes the vocabulary size of data.tokenizer, but: "
+                      f"{error}") from None
 
 
 def flops_per_token(model: ModelConfig, seq_len: int) -> float:

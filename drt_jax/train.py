@@ -129,14 +129,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   stop = total_steps if steps_this_run is None else min(total_steps, start + steps_this_run)
 
   shape = (config.train.global_batch_size, config.data.seq_len)
-  batch_spec = {"inputs": jax.ShapeDtypeStruct(shape, jax.numpy.int32,
+  train_spec = {"inputs": jax.ShapeDtypeStruct(shape, jax.numpy.int32,
                                                sharding=trainer.batch_sharding)}
-  train_spec = dict(batch_spec)
   if config.data.task_fraction:
     train_spec["target_weights"] = jax.ShapeDtypeStruct(shape, jax.numpy.float32,
                                                         sharding=trainer.batch_sharding)
   compiled_step = trainer.compile_train_step(trainer.abstract_state, train_spec)
-  compiled_eval = trainer.compile_eval_step(trainer.abstract_state.params, batch_spec)
+  compiled_eval = trainer.compile_eval_step(trainer.abstract_state.params,
+                                            _spec_of(trainer, eval_batches[0]))
   task_steps = {
       task: (trainer.compile_answer_step(trainer.abstract_state.params, _spec_of(trainer, batch)),
              batch)

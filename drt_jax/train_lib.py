@@ -58,6 +58,10 @@ def check_batch_divisibility(config: ml_collections.ConfigDict, mesh: jax.shardi
     raise ConfigError(f"train.global_batch_size={config.train.global_batch_size}: each of the "
                       f"{config.train.grad_accum_steps} micro-batches ({micro} sequences) must "
                       f"split evenly over the {shards} data-parallel shards of the mesh")
+  eval_batch = config.train.eval_batch_size
+  if eval_batch % shards:
+    raise ConfigError(f"train.eval_batch_size={eval_batch}: must split evenly over the {shards} "
+                      "data-parallel shards of the mesh")
 
 
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:

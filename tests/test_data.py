@@ -1,11 +1,24 @@
-"""Tests of drt_jax.data: tokenizers, sources (pydoc, text, tfds), grain pipelines, resuming."""
+"""Tests of drt_jax.data: tokenizers, sources (pydoc, text, jsonl, parquet, datasets, tfds), the
+PG19 recipe on a stand-in, grain pipelines, resuming."""
 
+import gzip
+import json
+import threading
+import time
+
+import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from configs import drt_pg19
 from configs import tiny
+from drt_jax import config as config_lib
+from drt_jax import metrics as metrics_lib
+from drt_jax import train as train_main
 from drt_jax.data import DataError
 from drt_jax.data import pipeline
 from drt_jax.data import sources
@@ -280,14 +293,32 @@ class TestEvalBatches:
     parts = [pipeline.make_eval_batches(config, 2, process_index=p, process_count=2)
              for p in range(2)]
     for b in range(2):
-      np.testing.assert_array_equal(
-          np.concatenate([parts[0][b]["inputs"], parts[1][b]["inputs"]]), whole[b]["inputs"])
+      for name in ("inputs", "target_weights"):
+        np.testing.assert_array_equal(
+            np.concatenate([parts[0][b][name], parts[1][b][name]]), whole[b][name])
     held_out = sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer()).eval
-    assert len(pipeline.make_eval_batches(config, 10_000)) == len(held_out) // 240 // 16
+    windows = len(held_out) // 240
+    every = pipeline.make_eval_batches(config, 10_000)
+    assert len(every) == -(-windows // 16) and windows % 16  # the last batch is padded
+    weights = np.concatenate([b["target_weights"] for b in every])
+    assert weights[:windows].all() and not weights[windows:].any()
+
+  def test_small_held_out_set_and_own_batch_size(self, tmp_path):
+    held_out = tmp_path / "valid.txt"
+    held_out.write_text("Held-out text, a few windows long. " * 20)  # 700 bytes: 2 windows + eos
+    config = _config(tmp_path, source="text", path=str(tmp_path / "valid.txt"),
+                     eval_path=str(held_out))
+    config.train.eval_batch_size = 4
+    batches = pipeline.make_eval_batches(config, 16)
+    assert len(batches) == 1 and batches[0]["inputs"].shape == (4, 240)
+    expected = np.append(tokenizer_lib.ByteTokenizer().encode(held_out.read_text()), 256)
+    np.testing.assert_array_equal(batches[0]["inputs"][:2].reshape(-1), expected[:480])
+    np.testing.assert_array_equal(batches[0]["target_weights"][:, 0], [1, 1, 0, 0])
+    assert not batches[0]["inputs"][2:].any()
 
   def test_held_out_too_short(self, tmp_path):
     config = _config(tmp_path, eval_fraction=0.0001)
-    message = r"held-out stream has \d+ tokens = 0 windows of data.seq_len=240"
+    message = r"held-out stream has \d+ tokens = 0 windows of data.seq_len=240: raise data.eval_"
     with pytest.raises(DataError, match=message):
       pipeline.make_eval_batches(config, 1)
 
@@ -295,7 +326,8 @@ class TestEvalBatches:
 class TestValidation:
 
   @pytest.mark.parametrize("field, value, message", [
-      ("source", "web", "data.source='web': must be one of 'pydoc', 'pystdlib', 'text', 'tfds'"),
+      ("source", "web",
+       "data.source='web': must be one of 'pydoc', 'pystdlib', 'text', 'jsonl', 'parquet'"),
       ("tokenizer", "/no/such.json", "data.tokenizer='/no/such.json': must be 'byte' or"),
       ("eval_fraction", 0.0, r"data.eval_fraction=0.0: must be in \(0, 1\)"),
       ("eval_fraction", 1.0, r"data.eval_fraction=1.0: must be in \(0, 1\)"),
@@ -353,3 +385,254 @@ class TestTaskEvalBatches:
 
   def test_none_without_tasks(self, tmp_path):
     assert pipeline.make_task_eval_batches(_config(tmp_path)) == {}
+
+
+RECORDS = [f"Record {k}: {UNICODE_TEXT} " * (k + 1) for k in range(6)]
+
+
+def _expected_tokens(texts, tok=tokenizer_lib.ByteTokenizer()):
+  return np.concatenate([np.append(tok.encode(t), tok.eos_id) for t in texts])
+
+
+def _write_jsonl(path, texts, field="text", compress=False):
+  # A blank line after the second record: skipped.
+  lines = "".join(json.dumps({"id": k, field: t}) + "\n" * (1 + (k == 1))
+                  for k, t in enumerate(texts))
+  if compress:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+      f.write(lines)
+  else:
+    path.write_text(lines, encoding="utf-8")
+
+
+def _write_parquet(path, texts, field="text"):
+  pq.write_table(pa.table({"id": list(range(len(texts))), field: texts}), path, row_group_size=2)
+
+
+@pytest.fixture
+def record_sources(tmp_path):
+  """The same six records as a jsonl folder (one plain, one gzipped file), a parquet folder and
+  a datasets DatasetDict (train: the six; validation: two more); held-out files of each kind."""
+  held_out = ["Held out one. " * 30, "Held out two. " * 30]
+  (tmp_path / "jsonl" / "sub").mkdir(parents=True)
+  _write_jsonl(tmp_path / "jsonl" / "a.jsonl", RECORDS[:4])
+  _write_jsonl(tmp_path / "jsonl" / "sub" / "b.jsonl.gz", RECORDS[4:], compress=True)
+  (tmp_path / "jsonl" / "notes.txt").write_text("not a jsonl file: skipped")
+  _write_jsonl(tmp_path / "valid.jsonl", held_out)
+  (tmp_path / "parquet").mkdir()
+  _write_parquet(tmp_path / "parquet" / "part-0.parquet", RECORDS[:3])
+  _write_parquet(tmp_path / "parquet" / "part-1.parquet", RECORDS[3:])
+  _write_parquet(tmp_path / "valid.parquet", held_out)
+  datasets.DatasetDict({
+      "train": datasets.Dataset.from_dict({"text": RECORDS, "id": list(range(6))}),
+      "validation": datasets.Dataset.from_dict({"text": held_out, "id": [6, 7]}),
+  }).save_to_disk(str(tmp_path / "hf"))
+  return {"jsonl": (str(tmp_path / "jsonl"), str(tmp_path / "valid.jsonl")),
+          "parquet": (str(tmp_path / "parquet"), str(tmp_path / "valid.parquet")),
+          "datasets": (str(tmp_path / "hf"), str(tmp_path / "hf"))}, held_out
+
+
+class TestRecordSources:
+
+  @pytest.mark.parametrize("source", ["jsonl", "parquet", "datasets"])
+  def test_records_in_order_with_eos(self, tmp_path, record_sources, source):
+    paths, held_out = record_sources
+    config = _config(tmp_path / "cache", source=source, path=paths[source][0], eval_fraction=0.25)
+    corpus = sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
+    expected = _expected_tokens(RECORDS)
+    np.testing.assert_array_equal(_stream(corpus), expected)
+    assert len(corpus.eval) == int(len(expected) * 0.25)
+    config.data.eval_path = paths[source][1]
+    corpus = sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
+    np.testing.assert_array_equal(corpus.train.array(), expected)  # all of data.path trains
+    np.testing.assert_array_equal(corpus.eval.array(), _expected_tokens(held_out))
+
+  def test_a_plain_dataset_and_another_text_field(self, tmp_path):
+    datasets.Dataset.from_dict({"body": RECORDS[:2]}).save_to_disk(str(tmp_path / "hf"))
+    config = _config(tmp_path / "cache", source="datasets", path=str(tmp_path / "hf"),
+                     text_field="body")
+    np.testing.assert_array_equal(
+        _stream(sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())),
+        _expected_tokens(RECORDS[:2]))
+
+  @pytest.mark.parametrize("source, write, message", [
+      ("jsonl", lambda p: p.write_text('{"text": "fine"}\n{"text": oops}\n'),
+       r"bad.jsonl:2: not a JSON object"),
+      ("jsonl", lambda p: p.write_text('{"body": "no text field"}\n'),
+       r"bad.jsonl:1: no data.text_field='text' in the record \(it has \['body'\]\)"),
+      ("jsonl", lambda p: p.write_text('{"text": 7}\n'),
+       r"bad.jsonl:1: data.text_field='text' is a int, not a string"),
+      ("parquet", lambda p: _write_parquet(p, ["x"], field="body"),
+       r"bad.parquet: no column data.text_field='text' \(columns: id, body\)"),
+      ("parquet", lambda p: pq.write_table(pa.table({"text": [1, 2]}), p),
+       r"bad.parquet: column data.text_field='text' has type int64, not string"),
+      ("parquet", lambda p: p.write_text("not parquet"), r"bad.parquet: not a Parquet file"),
+  ])
+  def test_bad_records(self, tmp_path, source, write, message):
+    path = tmp_path / f"bad.{source}"
+    write(path)
+    config = _config(tmp_path / "cache", source=source, path=str(path))
+    with pytest.raises(DataError, match=message) as err:
+      sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
+    assert "\n" not in str(err.value)
+
+  def test_folder_without_such_files(self, tmp_path):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("text")
+    config = _config(tmp_path / "cache", source="parquet", path=str(tmp_path / "texts"))
+    with pytest.raises(DataError, match=r"data.path='.*texts': no \*.parquet files"):
+      sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
+
+  def test_datasets_errors(self, tmp_path):
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]})}).save_to_disk(
+        str(tmp_path / "hf"))
+    config = _config(tmp_path / "cache", source="datasets", path=str(tmp_path / "hf"),
+                     eval_path=str(tmp_path / "hf"))
+    with pytest.raises(DataError, match="data.eval_path=.*a DatasetDict without a 'validation' "
+                                        r"split \(it has train\)"):
+      sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
+    config = _config(tmp_path / "cache", source="datasets", path=str(tmp_path / "hf"),
+                     text_field="body")
+    with pytest.raises(DataError, match=r"no column data.text_field='body' \(columns: text\)"):
+      sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
+
+
+class TestNewSourceValidation:
+
+  @pytest.mark.parametrize("data, message", [
+      (dict(source="jsonl", path="/no/such"), "data.path='/no/such': no such file or folder "
+                                              r"\(data.source='jsonl'\)"),
+      (dict(source="text", path=".", eval_path="/no/such"), "data.eval_path='/no/such': no such"),
+      (dict(source="parquet", path=".", text_field=""), "data.text_field='': must name"),
+      (dict(source="pydoc", eval_path="."), "data.eval_path='.': only for data.source 'text', "
+                                            "'jsonl', 'parquet', 'datasets'"),
+      (dict(source="tfds", tfds_name="pg19", eval_path="."), "reads the 'validation' split"),
+      (dict(source="datasets", path="."), "data.path='.': not a folder written by datasets' "
+                                          "save_to_disk"),
+  ])
+  def test_bad_fields(self, tmp_path, data, message):
+    with pytest.raises(DataError, match=message) as err:
+      pipeline.validate_data_config(_config(tmp_path, **data).data)
+    assert "\n" not in str(err.value)
+
+  def test_bad_eval_batch_size(self):
+    config = tiny.get_config()
+    config.train.eval_batch_size = -2
+    with pytest.raises(config_lib.ConfigError, match="train.eval_batch_size=-2: must be an integer"):
+      config_lib.validate(config)
+
+
+class TestTokenizerFiles:
+
+  def test_vocab_size_zero_takes_the_tokenizers(self, tmp_path):
+    path = _bpe_json(tmp_path, ["<|endoftext|>"])
+    config = _config(tmp_path, tokenizer=path)
+    config.model.vocab_size = 0
+    model = config_lib.validate(config)
+    size = tokenizers.Tokenizer.from_file(path).get_vocab_size()
+    assert model.vocab_size == config.model.vocab_size == size and 257 < size <= 300
+    config.model.vocab_size, config.data.tokenizer = 0, str(tmp_path / "missing.json")
+    with pytest.raises(config_lib.ConfigError, match="model.vocab_size=0 takes the vocabulary"):
+      config_lib.validate(config)
+
+  def test_eos_from_tokenizer_config(self, tmp_path):
+    path = _bpe_json(tmp_path, ["<|endoftext|>", "</s>"])
+    assert tokenizer_lib.make_tokenizer(path).eos_id == 0  # EOS_TOKENS order without a config
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": {"content": "</s>", "special": True}}))
+    assert tokenizer_lib.make_tokenizer(path).eos_id == 1
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eot>"}))
+    with pytest.raises(DataError, match="names eos_token '<eot>', which is not in its vocabulary"):
+      tokenizer_lib.make_tokenizer(path)
+
+
+def _train_briefly(config, workdir):
+  """Two training steps and an eval of the tests' small model on config.data; the eval row."""
+  from tests.helpers import small_config
+
+  run = small_config()
+  run.data = config.data
+  run.model.vocab_size = config.model.vocab_size
+  run.data.seq_len = 7 * 6
+  train = run.train
+  train.global_batch_size, train.num_train_steps, train.warmup_steps = 4, 2, 1
+  train.log_every = train.eval_every = train.checkpoint_every = 2
+  train_main.train(run, str(workdir), progress=False)
+  return [r for r in metrics_lib.read_metrics(str(workdir)) if "eval_loss" in r][-1]
+
+
+@pytest.mark.parametrize("source", ["jsonl", "parquet", "datasets"])
+def test_record_sources_train(tmp_path, record_sources, source):
+  paths, _ = record_sources
+  config = _config(tmp_path / "cache", source=source, path=paths[source][0],
+                   eval_path=paths[source][1])
+  row = _train_briefly(config, tmp_path / "run")
+  assert row["step"] == 2 and 0 < row["eval_loss"] < 10
+
+
+def _pg19_stand_in(root):
+  """A few tiny books in the PG19 release's layout: <split>/<book id>.txt."""
+  books = {"train": {10001: "The first book. " * 40, 10002: "A second, longer book. " * 60,
+                     10003: "Chapter I.\nIt was a dark night. " * 30},
+           "validation": {20001: "A held-out book to evaluate on. " * 20},
+           "test": {30001: "A test book, never read here. " * 20}}
+  for split, split_books in books.items():
+    (root / split).mkdir(parents=True)
+    for book_id, text in split_books.items():
+      (root / split / f"{book_id}.txt").write_text(text, encoding="utf-8")
+  return books
+
+
+def test_pg19_recipe_on_a_stand_in(tmp_path):
+  books = _pg19_stand_in(tmp_path / "pg19")
+  tokenizer_path = _bpe_json(tmp_path, ["<|endoftext|>"])
+  config = drt_pg19.get_config()
+  config.data.path = str(tmp_path / "pg19" / "train")
+  config.data.eval_path = str(tmp_path / "pg19" / "validation")
+  config.data.tokenizer = tokenizer_path
+  config.data.cache_dir = str(tmp_path / "cache")
+  tok = tokenizer_lib.make_tokenizer(tokenizer_path)
+  corpus = sources.load_corpus(config.data, tok)
+  np.testing.assert_array_equal(corpus.train.array(), _expected_tokens(
+      [books["train"][k] for k in sorted(books["train"])], tok))
+  np.testing.assert_array_equal(corpus.eval.array(),
+                                _expected_tokens(books["validation"].values(), tok))
+  assert config.model.vocab_size == 0  # the tokenizer's, resolved by validate()
+  config_lib.validate(config)
+  assert config.model.vocab_size == tok.vocab_size
+  row = _train_briefly(config, tmp_path / "run")
+  assert row["step"] == 2 and 0 < row["eval_loss"] < 10
+
+
+def test_other_processes_wait_for_process_zeros_tokens(tmp_path, text_dir, monkeypatch):
+  """Process 0 tokenizes; a second process that asks meanwhile waits for the file and reads it
+  without tokenizing (here as two threads; jax.process_index faked per thread)."""
+  config = _config(tmp_path / "cache", source="text", path=str(text_dir))
+  index = threading.local()
+  monkeypatch.setattr(sources, "_process_index", lambda: getattr(index, "value", 0))
+  calls = {0: 0, 1: 0}
+
+  class SlowTokenizer(tokenizer_lib.ByteTokenizer):
+    def __init__(self, process):
+      self.process = process
+
+    def encode_batch(self, texts):
+      calls[self.process] += 1
+      time.sleep(1.0)  # the other process asks while this one tokenizes
+      return super().encode_batch(texts)
+
+  spans = {}
+
+  def load(process):
+    index.value = process
+    spans[process] = sources.load_corpus(config.data, SlowTokenizer(process)).train
+
+  first = threading.Thread(target=load, args=(0,))
+  first.start()
+  time.sleep(0.3)
+  load(1)
+  first.join()
+  assert calls == {0: 1, 1: 0}
+  assert spans[0] == spans[1]
+  np.testing.assert_array_equal(_stream(sources.load_corpus(
+      config.data, tokenizer_lib.ByteTokenizer())), _expected_text_tokens(text_dir))

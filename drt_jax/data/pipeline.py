@@ -1,6 +1,6 @@
 """grain pipelines: random training windows and consecutive held-out eval windows.
 
-Training (REFERENCE_DRT.md §6 "Loading"): global sample i = step * global_batch + row is the
+Training (docs/specification.md §6 "Loading"): global sample i = step * global_batch + row is the
 window tokens[s, s + T) of the train stream, s uniform in [0, n - T - 1) drawn from
 np.random.default_rng([seed, i]). Windows ignore document boundaries; labels are the inputs (the
 model shifts them). Process p reads rows [p * B, (p + 1) * B) of every global batch,
@@ -11,12 +11,15 @@ With data.task_fraction > 0, that fraction of the training samples become passke
 built on their own window (tasks.py; data.tasks names the kinds), as in the reference's NIAH
 fine-tuning mixture (§7.5).
 
-Eval (REFERENCE_DRT.md §7.1, stride -1): window k is tokens[k * T, (k + 1) * T) of the held-out
-stream; global eval batch b holds windows b * global_batch + row, split across processes as above.
-With tasks mixed in, a held-out batch of task samples per kind also measures the answers'
-accuracy (make_task_eval_batches).
+Eval (docs/specification.md §7.1, stride -1): window k is tokens[k * T, (k + 1) * T) of the
+held-out stream; global eval batch b holds windows b * E + row, E = eval_batch_size(config), split
+across processes as above. A held-out stream of fewer windows than the batches need pads the last
+batch with rows of weight 0, so any held-out set of at least one window works. With tasks mixed
+in, a held-out batch of task samples per kind also measures the answers' accuracy
+(make_task_eval_batches).
 """
 
+import importlib.util
 import os
 
 import grain
@@ -46,8 +49,31 @@ def validate_data_config(data) -> None:
     raise DataError(f"data.eval_fraction={data.eval_fraction!r}: must be in (0, 1)")
   if not isinstance(data.worker_count, int) or data.worker_count < 0:
     raise DataError(f"data.worker_count={data.worker_count!r}: must be an integer >= 0")
-  if data.source == "text" and not os.path.exists(data.path):
-    raise DataError(f"data.path={data.path!r}: no such file or folder (data.source='text')")
+  if data.source in sources.FILE_SOURCES:
+    if not os.path.exists(data.path):
+      raise DataError(f"data.path={data.path!r}: no such file or folder "
+                      f"(data.source={data.source!r})")
+    if data.eval_path and not os.path.exists(data.eval_path):
+      raise DataError(f"data.eval_path={data.eval_path!r}: no such file or folder (or '': hold "
+                      "out data.eval_fraction of data.path)")
+    if data.source != "text" and not (isinstance(data.text_field, str) and data.text_field):
+      raise DataError(f"data.text_field={data.text_field!r}: must name the records' text field "
+                      f"(data.source={data.source!r})")
+  elif data.eval_path:
+    raise DataError(f"data.eval_path={data.eval_path!r}: only for data.source "
+                    + ", ".join(map(repr, sources.FILE_SOURCES))
+                    + f" (data.source={data.source!r} " + (
+                        "reads the 'validation' split)" if data.source == "tfds"
+                        else "holds out data.eval_fraction)"))
+  if data.source == "datasets":
+    if importlib.util.find_spec("datasets") is None:
+      raise DataError("data.source='datasets': needs the HuggingFace `datasets` package "
+                      "(pip install 'drt-jax[datasets]')")
+    for field, path in (("data.path", data.path), ("data.eval_path", data.eval_path)):
+      if path and not any(os.path.isfile(os.path.join(path, name))
+                          for name in ("dataset_info.json", "dataset_dict.json")):
+        raise DataError(f"{field}={path!r}: not a folder written by datasets' save_to_disk (no "
+                        "dataset_info.json or dataset_dict.json in it)")
   if data.source == "tfds" and not data.tfds_name:
     raise DataError("data.tfds_name='': must name a TFDS dataset, e.g. 'pg19' (data.source='tfds')")
   if not 0 <= data.task_fraction <= 1:
@@ -126,37 +152,51 @@ def make_train_iterator(config, *, process_index: int = 0,
   return iter(dataset)
 
 
+def eval_batch_size(config) -> int:
+  """Sequences per eval batch over all processes: train.eval_batch_size, or for 0 the training
+  micro-batch (train.global_batch_size / train.grad_accum_steps), which is known to fit."""
+  train = config.train
+  return train.eval_batch_size or train.global_batch_size // train.grad_accum_steps
+
+
 def make_eval_batches(config, num_batches: int, *, process_index: int = 0,
                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """Up to `num_batches` held-out batches of this process, {"inputs": int32 [global_batch /
-  process_count, T]}, the same on every call; only whole global batches, so shapes are static."""
-  local_batch = _local_batch(config, process_index, process_count)
-  global_batch, seq_len = config.train.global_batch_size, config.data.seq_len
+  """Up to `num_batches` held-out batches of this process, {"inputs": int32 [E / process_count,
+  T], "target_weights": float32 [same]} with E = eval_batch_size(config), the same on every
+  call. Rows past the held-out stream's last whole window have weight 0 (and zero inputs)."""
+  global_batch, seq_len = eval_batch_size(config), config.data.seq_len
+  local_batch = _split_rows(global_batch, "train.eval_batch_size", process_index, process_count)
   tokens = _load_corpus(config).eval.array()
   num_windows = len(tokens) // seq_len
-  if num_windows < global_batch:
-    raise DataError(f"held-out stream has {len(tokens)} tokens = {num_windows} windows of "
-                    f"data.seq_len={seq_len}: fewer than one global batch of "
-                    f"train.global_batch_size={global_batch} windows")
-  num_batches = min(num_batches, num_windows // global_batch)
-  windows = tokens[:num_batches * global_batch * seq_len]
-  windows = windows.reshape(num_batches, global_batch, seq_len)
+  if num_windows == 0:
+    raise DataError(f"held-out stream has {len(tokens)} tokens = 0 windows of "
+                    f"data.seq_len={seq_len}: " + (
+                        f"data.eval_path={config.data.eval_path!r} needs more text"
+                        if config.data.eval_path else "raise data.eval_fraction"))
+  num_windows = min(num_windows, num_batches * global_batch)
+  num_batches = -(-num_windows // global_batch)
+  inputs = np.zeros((num_batches * global_batch, seq_len), np.int32)
+  inputs[:num_windows] = tokens[:num_windows * seq_len].reshape(num_windows, seq_len)
+  weights = np.zeros(inputs.shape, np.float32)
+  weights[:num_windows] = 1.0
   rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
-  return [{"inputs": np.asarray(batch[rows], np.int32)} for batch in windows]
+  return [{"inputs": batch[rows], "target_weights": batch_weights[rows]}
+          for batch, batch_weights in zip(inputs.reshape(num_batches, global_batch, seq_len),
+                                          weights.reshape(num_batches, global_batch, seq_len))]
 
 
 def make_task_eval_batches(config, *, process_index: int = 0,
                            process_count: int = 1) -> dict[str, dict[str, np.ndarray]]:
-  """Per task of data.tasks (when data.task_fraction > 0), one held-out global batch of task
-  samples of the training length: {task: {"inputs": int32 [local_batch, T], "answer_start":
+  """Per task of data.tasks (when data.task_fraction > 0), one held-out global batch (of
+  eval_batch_size(config) rows) of task samples of the training length: {task: {"inputs": int32 [local_batch, T], "answer_start":
   int32 [local_batch], "answer": int32 [local_batch, answer tokens]}}. Row r of the global
   batch puts the needle at depth r / (rows - 1) in the haystack of held-out window r (the stream
   repeats if it is short); the same on every call.
   """
   if not config.data.task_fraction:
     return {}
-  local_batch = _local_batch(config, process_index, process_count)
-  global_batch, seq_len = config.train.global_batch_size, config.data.seq_len
+  global_batch, seq_len = eval_batch_size(config), config.data.seq_len
+  local_batch = _split_rows(global_batch, "train.eval_batch_size", process_index, process_count)
   tokens = _load_corpus(config).eval.array()
   builder = _task_builder(config)
   depths = np.linspace(0.0, 1.0, global_batch)
@@ -179,20 +219,25 @@ def _task_builder(config) -> tasks_lib.TaskBuilder:
 
 
 def _local_batch(config, process_index: int, process_count: int) -> int:
-  global_batch = config.train.global_batch_size
+  return _split_rows(config.train.global_batch_size, "train.global_batch_size", process_index,
+                     process_count)
+
+
+def _split_rows(global_batch: int, field: str, process_index: int, process_count: int) -> int:
+  """Rows of a global batch of `global_batch` (the value of `field`) that each process reads."""
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index}, process_count={process_count}: "
                      "need 0 <= process_index < process_count")
   if global_batch < 1 or global_batch % process_count:
-    raise ValueError(f"train.global_batch_size={global_batch}: must be a positive multiple of "
-                     f"the process count {process_count}")
+    raise ValueError(f"{field}={global_batch}: must be a positive multiple of the process count "
+                     f"{process_count}")
   return global_batch // process_count
 
 
 def _load_corpus(config) -> sources.Corpus:
   validate_data_config(config.data)
   tok = tokenizer_lib.make_tokenizer(config.data.tokenizer)
-  if tok.vocab_size > config.model.vocab_size:
+  if config.model.vocab_size and tok.vocab_size > config.model.vocab_size:  # 0: the tokenizer's
     # The embedding lookup would silently clamp the out-of-range ids.
     raise DataError(f"model.vocab_size={config.model.vocab_size}: smaller than the vocabulary of "
                     f"data.tokenizer={config.data.tokenizer!r} ({tok.vocab_size})")
