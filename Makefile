@@ -31,11 +31,11 @@ train: venv
 	$(PY) -m drt_jax.train --config $(CONFIG) --workdir $(WORKDIR) $(ARGS)
 
 test: venv
-	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
 
 # On a GPU machine (its own CUDA jax, or `pip install -e '.[cuda,dev]' -c constraints.txt`).
 test-gpu:
-	python3 -m pytest -q -m gpu $(PYTEST_ARGS) tests
+	python3 -m pytest -q -m gpu $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
