@@ -1,5 +1,6 @@
 """Synthetic retrieval tasks: passkey, multi-key and multi-hop samples in a haystack of ordinary
-text (REFERENCE_DRT.md §7.2-7.4), aligned to the model's chunk size, every answer token scored.
+text (docs/specification.md §7.2-7.4), aligned to the model's chunk size, every answer token
+scored.
 
 Layout of a sample of T tokens, c = model.chunk_len:
     haystack ... needle(s) ... haystack ... question | answer | tail
