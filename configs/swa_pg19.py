@@ -1,4 +1,5 @@
-"""Sliding-window baseline of the paper (docs/specification.md §5): 12 ALiBi window-512 blocks, no retrieval."""
+"""Sliding-window baseline of the paper (docs/specification.md §5): 12 ALiBi window-512 blocks, no
+retrieval."""
 
 from configs import drt_pg19
 

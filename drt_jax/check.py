@@ -53,8 +53,10 @@ def main(argv=None) -> int:
   print(f"platform {platform}: {len(devices)} devices ({devices[0].device_kind}), "
         f"process {jax.process_index()} of {jax.process_count()}")
   if args.platform is not None and platform != args.platform:
-    hint = (" (a CPU-only jaxlib: pip install -e '.[cuda]' -c constraints.txt, or check that "
-            "the machine's CUDA jax is the one this Python imports)") if args.platform == "gpu" else ""
+    hint = ""
+    if args.platform == "gpu":
+      hint = (" (a CPU-only jaxlib: pip install -e '.[cuda]' -c constraints.txt, or check that "
+              "the machine's CUDA jax is the one this Python imports)")
     print(f"error: JAX runs on {platform}, not {args.platform}{hint}", file=sys.stderr)
     return 1
   loss, seconds, vocab = tiny_step()

@@ -518,7 +518,8 @@ class TestNewSourceValidation:
   def test_bad_eval_batch_size(self):
     config = tiny.get_config()
     config.train.eval_batch_size = -2
-    with pytest.raises(config_lib.ConfigError, match="train.eval_batch_size=-2: must be an integer"):
+    with pytest.raises(config_lib.ConfigError,
+                       match="train.eval_batch_size=-2: must be an integer"):
       config_lib.validate(config)
 
 

@@ -2,8 +2,8 @@
 
 Neither adds BOS/EOS when encoding (as the reference's GPT-2 tokenizer, docs/specification.md
 §1.1); sources.py appends `eos_id` after every document. A HuggingFace tokenizer's vocabulary size
-and end-of-text token come from its files (model.vocab_size=0 takes that size). The model adds its own landmark embedding, so no
-landmark id is reserved here.
+and end-of-text token come from its files (model.vocab_size=0 takes that size). The model adds its
+own landmark embedding, so no landmark id is reserved here.
 """
 
 import hashlib
