@@ -190,8 +190,8 @@ def make_task_eval_batches(config, *, process_index: int = 0,
   """Per task of data.tasks (when data.task_fraction > 0), one held-out global batch (of
   eval_batch_size(config) rows) of task samples of the training length: {task: {"inputs": int32
   [local_batch, T], "answer_start": int32 [local_batch], "answer": int32 [local_batch, answer
-  tokens]}}. Row r of the global batch puts the needle at depth r / (rows - 1) in the haystack of held-out window r (the stream
-  repeats if it is short); the same on every call.
+  tokens]}}. Row r of the global batch puts the needle at depth r / (rows - 1) in the haystack
+  of held-out window r (the stream repeats if it is short); the same on every call.
   """
   if not config.data.task_fraction:
     return {}
