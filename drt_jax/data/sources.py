@@ -121,13 +121,8 @@ def _source_tokens(data, tokenizer: Tokenizer, path: str, field: str, split: str
   where = f"{field}={path!r}"
   if data.source == "datasets":
     return _datasets_tokens(data, tokenizer, path, split, where=where)
-  if data.source == "text":
-    files = list_text_files(path, field=field)
-  else:
-    suffixes = {"jsonl": (".jsonl", ".jsonl.gz"), "parquet": (".parquet",)}[data.source]
-    files = list_text_files(path, field=field, suffixes=suffixes)
-  read = {"text": _text_documents, "jsonl": _jsonl_documents,
-          "parquet": _parquet_documents}[data.source]
+  suffixes, read = _FILE_READERS[data.source]
+  files = list_text_files(path, field=field, suffixes=suffixes)
   return _file_tokens(data, tokenizer, data.source, files, read, where=where)
 
 
@@ -233,6 +228,13 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
     raise DataError(f"{path}: column data.text_field={text_field!r} has type {kind}, not string")
   for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
     yield from (text for text in batch.column(0).to_pylist() if text)
+
+
+# data.source -> (the file name endings read from a folder, None = every file; the documents of
+# one file, given the file and data.text_field).
+_FILE_READERS = {"text": (None, _text_documents),
+                 "jsonl": ((".jsonl", ".jsonl.gz"), _jsonl_documents),
+                 "parquet": ((".parquet",), _parquet_documents)}
 
 
 def _file_tokens(data, tokenizer: Tokenizer, label: str, files: list[str],
