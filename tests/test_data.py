@@ -6,7 +6,6 @@ import json
 import threading
 import time
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -413,6 +412,9 @@ def _write_parquet(path, texts, field="text"):
 def record_sources(tmp_path):
   """The same six records as a jsonl folder (one plain, one gzipped file), a parquet folder and
   a datasets DatasetDict (train: the six; validation: two more); held-out files of each kind."""
+  # The `datasets` extra (part of `dev`), imported where used so that a machine without it (the
+  # GPU image, `make test-gpu`) still collects this file.
+  import datasets
   held_out = ["Held out one. " * 30, "Held out two. " * 30]
   (tmp_path / "jsonl" / "sub").mkdir(parents=True)
   _write_jsonl(tmp_path / "jsonl" / "a.jsonl", RECORDS[:4])
@@ -448,6 +450,8 @@ class TestRecordSources:
     np.testing.assert_array_equal(corpus.eval.array(), _expected_tokens(held_out))
 
   def test_a_plain_dataset_and_another_text_field(self, tmp_path):
+    import datasets
+
     datasets.Dataset.from_dict({"body": RECORDS[:2]}).save_to_disk(str(tmp_path / "hf"))
     config = _config(tmp_path / "cache", source="datasets", path=str(tmp_path / "hf"),
                      text_field="body")
@@ -484,6 +488,8 @@ class TestRecordSources:
       sources.load_corpus(config.data, tokenizer_lib.ByteTokenizer())
 
   def test_datasets_errors(self, tmp_path):
+    import datasets
+
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]})}).save_to_disk(
         str(tmp_path / "hf"))
     config = _config(tmp_path / "cache", source="datasets", path=str(tmp_path / "hf"),

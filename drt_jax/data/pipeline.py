@@ -229,8 +229,8 @@ def _split_rows(global_batch: int, field: str, process_index: int, process_count
     raise ValueError(f"process_index={process_index}, process_count={process_count}: "
                      "need 0 <= process_index < process_count")
   if global_batch < 1 or global_batch % process_count:
-    raise ValueError(f"{field}={global_batch}: must be a positive multiple of the process count "
-                     f"{process_count}")
+    raise DataError(f"{field}={global_batch}: must be a positive multiple of the process count "
+                    f"{process_count}")
   return global_batch // process_count
 
 
