@@ -55,7 +55,7 @@ def main(argv=None) -> int:
   if args.platform is not None and platform != args.platform:
     hint = ""
     if args.platform == "gpu":
-      hint = (" (a CPU-only jaxlib: pip install -e '.[cuda]' -c constraints.txt, or check that "
+      hint = (" (a CPU-only jaxlib: pip install -e '.[cuda]' -c requirements.txt, or check that "
               "the machine's CUDA jax is the one this Python imports)")
     print(f"error: JAX runs on {platform}, not {args.platform}{hint}", file=sys.stderr)
     return 1
