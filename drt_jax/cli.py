@@ -23,7 +23,9 @@ def parse_flags(argv):
   try:
     return app.parse_flags_with_usage(argv)
   except (KeyError, AttributeError) as error:
-    message = str(error.args[0]) if error.args else str(error)
+    while error.args and isinstance(error.args[0], BaseException):
+      error = error.args[0]  # ConfigDict wraps its KeyError in an AttributeError
+    message = str(error.args[0]) if error.args else ""
     name = message.splitlines()[0].strip("'\"")
     suggestion = re.search(r'Did you mean "([^"]+)"', message)
     for arg in argv[1:]:

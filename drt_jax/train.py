@@ -151,8 +151,8 @@ class _Progress:
            f"{values['grad_norm']:.3f}, lr {values['learning_rate']:.3g}, "
            f"{elapsed:.3f} s/step, {values['tokens_per_s']:,.0f} tokens/s{extra}")
 
-  def restart_clock(self):
-    self.row_time = time.perf_counter()
+  def restart_clock(self, step):
+    self.row_time, self.row_step = time.perf_counter(), step
 
   def eval_done(self, step, eval_metrics):
     self.writer.write(step, eval_metrics)
@@ -329,7 +329,7 @@ def _train_locked(config, workdir, trainer, model_config, *, progress, steps_thi
                                         task_steps))
           evaluated = step
         if checkpoint or evaluate:
-          out.restart_clock()  # step times leave out saving and evaluating
+          out.restart_clock(step)  # step times leave out saving and evaluating
         if signum:
           raise _Stopped(signum)
       if pending is not None:
