@@ -5,7 +5,13 @@ parses and validates the config, builds or restores the state, then loops: step,
 checkpoint. A second run in the same DIR resumes at the exact next batch. A first run with
 --config.train.init_from=OTHER_RUN_DIR starts from that run's newest params instead of random ones
 (fine-tuning, or the next phase of a length curriculum: own data, fresh optimizer, step 0). Only
-process 0 prints and writes metrics.
+process 0 prints, writes metrics and holds the run folder's lock (drt_jax/run_lock.py).
+
+Nothing completed is lost on a stop: SIGTERM and SIGUSR1 (drt_jax/preemption.py) and Ctrl-C save
+the step they stop at and write its metrics row; a resume skips checkpoints that do not restore and
+drops the metrics rows after the one it resumes from; NaN/inf steps are skipped, and
+train.max_nonfinite_steps of them in a row stop the run without saving anything after the last
+good checkpoint.
 """
 
 import json
