@@ -183,7 +183,8 @@ def _lock_run_folder(workdir: str) -> run_lock.RunLock:
           f" (in use by {run_lock.describe(holder)})" if holder else ""))
     raise error
   if lock.taken_over:
-    _say(f"took over {lock.path}, left by a process that is gone ({run_lock.describe(lock.taken_over)})")
+    _say(f"took over {lock.path}, left by a process that is gone "
+         f"({run_lock.describe(lock.taken_over)})")
   return lock
 
 
