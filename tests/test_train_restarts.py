@@ -214,7 +214,7 @@ def test_two_processes_stop_together_on_a_signal_to_one(tmp_path):
 
 def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, straight):
   """From the step-10 checkpoint with a learning rate of 1e30: the gradients are NaN/inf from
-  step 12 on, so the run stops at step 13 (train.max_nonfinite_steps=2); step 10 stays the newest."""
+  step 12 on, so the run stops at step 13 (train.max_nonfinite_steps=2); step 10 stays newest."""
   workdir = tmp_path / "run"
   shutil.copytree(straight[0], workdir)
   shutil.rmtree(workdir / "checkpoints" / "20")
