@@ -330,7 +330,7 @@ def _train_locked(config, workdir, trainer, model_config, *, progress, steps_thi
           pending = None
         if checkpoint:
           save(state)
-          train_lib.check_saves(manager)
+          train_lib.check_saves(manager, step=saved[0])
         if evaluate:
           out.eval_done(step, _evaluate(trainer, compiled_eval, state.params, eval_batches,
                                         task_steps))
@@ -365,7 +365,7 @@ def _train_locked(config, workdir, trainer, model_config, *, progress, steps_thi
     raise
   finally:
     try:
-      train_lib.check_saves(manager, wait=True)
+      train_lib.check_saves(manager, wait=True, step=saved[0])
     finally:
       manager.close()
       writer.close()

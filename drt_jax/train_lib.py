@@ -273,12 +273,13 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_iter
     raise _save_error(manager, error, step) from None
 
 
-def check_saves(manager: ocp.CheckpointManager, *, wait: bool = False):
-  """Raises CheckpointSaveError if a background save failed (wait: after it finished)."""
+def check_saves(manager: ocp.CheckpointManager, *, wait: bool = False, step: int | None = None):
+  """Raises CheckpointSaveError if the background save (of `step`, the newest started) failed;
+  wait: after it finished."""
   try:
     manager.wait_until_finished() if wait else manager.check_for_errors()
   except Exception as error:
-    raise _save_error(manager, error) from None
+    raise _save_error(manager, error, step) from None
 
 
 def _save_error(manager, error, step=None):
