@@ -84,6 +84,11 @@ def get_config() -> ml_collections.ConfigDict:
   train.checkpoint_every = 5000
   train.keep_checkpoints = 3
   train.init_from = ""  # a run folder whose newest params a new --workdir starts from; "" = random
+  # A step whose loss or gradient norm is NaN/inf leaves the params as they were (the update is
+  # skipped); this many in a row stop the run, keeping the last good checkpoint.
+  train.max_nonfinite_steps = 20
+  train.wandb_project = ""  # W&B project to log to as well ("" = none; needs `pip install wandb`)
+  train.wandb_mode = "online"  # "online" or "offline" (written under DIR/wandb, synced later)
 
   mesh = config.mesh = ml_collections.ConfigDict()
   mesh.data = -1  # -1: all devices not used by the other axes

@@ -5,6 +5,7 @@ allowed, so a bad ablation fails in a second instead of deep inside a trace.
 """
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ RESIDUALS = ("reference", "standard")
 IMPLS = ("xla", "pallas")
 DTYPES = ("bfloat16", "float32")
 PALLAS_CHUNK_SIZES = (32, 64, 128)  # chunk_len + 1 the FlashGCA kernel tiles
+WANDB_MODES = ("online", "offline")
 
 
 class ConfigError(ValueError):
@@ -156,6 +158,10 @@ def _validate_train(train, data_seq_len):
   _require(train.grad_clip >= 0, "train.grad_clip", train.grad_clip, "must be >= 0 (0 = off)")
   _require(isinstance(train.init_from, str), "train.init_from", train.init_from,
            "must be a run folder or '' (random init)")
+  _positive_int("train.max_nonfinite_steps", train.max_nonfinite_steps)
+  _require(isinstance(train.wandb_project, str), "train.wandb_project", train.wandb_project,
+           "must be a W&B project name or '' (no W&B)")
+  _one_of("train.wandb_mode", train.wandb_mode, WANDB_MODES)
 
 
 def _validate_mesh(mesh):
@@ -167,6 +173,17 @@ def _validate_mesh(mesh):
            "at most one axis may be -1")
 
 
+def _check_finite(node, prefix=""):
+  """Every float field: NaN or inf is never a setting (e.g. train.learning_rate=inf)."""
+  items = node.items() if isinstance(node, dict) else ()
+  for name, value in items:
+    field = f"{prefix}{name}"
+    if isinstance(value, dict):
+      _check_finite(value, field + ".")
+    elif isinstance(value, float):
+      _require(math.isfinite(value), field, value, "must be a finite number")
+
+
 def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   """Checks every field; returns the typed model config. Raises ConfigError naming the field.
 
@@ -175,6 +192,7 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   """
   if config.model.vocab_size == 0:
     config.model.vocab_size = _tokenizer_vocab_size(config.data.tokenizer)
+  _check_finite(config.to_dict())
   model = ModelConfig.from_config(config.model)
   seq_len = config.data.seq_len
   _positive_int("data.seq_len", seq_len)

@@ -94,6 +94,13 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def all_true(ok: bool) -> bool:
+  """True on every process when `ok` is true on every process; free in a single-process run."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(ok)))).all())
+
+
 def _slurm_group(environ: Mapping[str, str]) -> ProcessGroup | None:
   """The group of an `srun` job step of several tasks, from SLURM's variables; else None.
 

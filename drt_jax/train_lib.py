@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from drt_jax.config import ConfigError, ModelConfig
@@ -81,6 +82,37 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
   return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=1_000_000)
 
 
+# The config field behind each logical axis of a param, for the error naming what cannot be split.
+_AXIS_FIELDS = {"vocab": "model.vocab_size", "embed": "model.d_model", "mlp": "model.mlp_dim",
+                "heads": "model.num_heads", "kv_heads": "model.num_kv_heads"}
+
+
+def check_param_divisibility(boxed_params, mesh: jax.sharding.Mesh, rules):
+  """Raises ConfigError naming the mesh axis and the model field when a param's dimension cannot
+  be split evenly over the mesh axes its logical axis maps to (XLA's IndivisibleError otherwise,
+  deep inside the first jit). boxed_params: eval_shape'd params with logical axis names."""
+  specs = nn.get_partition_spec(boxed_params)
+  shapes = nn.meta.unbox(boxed_params)
+  flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
+  for (path, spec), leaf in zip(flat_specs, jax.tree.leaves(shapes)):
+    for dim, logical, axes in zip(leaf.shape, spec, nn.logical_to_mesh_axes(spec, rules)):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      parts = int(np.prod([mesh.shape[axis] for axis in axes]))
+      if dim % parts:
+        sizes = ", ".join(f"mesh.{axis}={mesh.shape[axis]}" for axis in axes)
+        field = _AXIS_FIELDS.get(logical, f"axis '{logical}'")
+        raise ConfigError(f"{sizes}: cannot split {field}={dim} (the {logical!r} axis of param "
+                          f"{jax.tree_util.keystr(path)}) into {parts} equal parts; choose mesh "
+                          "sizes that divide it")
+
+
+def tree_is_finite(tree) -> jax.Array:
+  """True (a replicated bool scalar) when every floating leaf of `tree` is free of NaN and inf."""
+  leaves = [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 @dataclasses.dataclass
 class Trainer:
   """The model, mesh, optimizer and compiled steps of one experiment."""
@@ -96,6 +128,7 @@ class Trainer:
     self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
     self.replicated = NamedSharding(self.mesh, P())
     abstract = jax.eval_shape(self._boxed_state, jax.random.key(0))
+    check_param_divisibility(abstract.params, self.mesh, self.rules)
     self.state_shardings = nn.logical_to_mesh_sharding(
         nn.get_partition_spec(abstract), self.mesh, self.rules)
     self.abstract_state = jax.tree.map(
@@ -165,6 +198,8 @@ class Trainer:
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads),
                "learning_rate": learning_rate_schedule(self.config.train)(state.step),
+               # Steps of the run so far whose update apply_if_finite skipped (NaN/inf gradients).
+               "skipped_steps": opt_state.total_notfinite,
                "tokens": count}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -174,6 +209,13 @@ class Trainer:
       step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                      out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
       return step.lower(state, batch).compile()
+
+  def compile_finite_check(self, state: TrainState):
+    """AOT-compiled state -> True when no float in it is NaN/inf (checked before every save)."""
+    with self._context():
+      check = jax.jit(tree_is_finite, in_shardings=(self.state_shardings,),
+                      out_shardings=self.replicated)
+      return check.lower(state).compile()
 
   def _eval_rng(self):
     """The fixed key of every eval; used only by retrieval="random"."""
@@ -200,15 +242,101 @@ class Trainer:
 
 def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
   """Async, keep-N manager. Orbax writes each step into a temporary folder and renames it when
-  complete, so a run killed mid-save leaves no checkpoint that restores wrong."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=True)
+  complete, so a run killed mid-save leaves no checkpoint that restores wrong.
+
+  The folder is made by the first save (a run refused before its first step leaves none). Step
+  folders are created synchronously, inside `save`: created in the background (orbax's default),
+  a folder that cannot be made (read-only file system) leaves the writer threads waiting for a
+  "directory created" signal until orbax's 20-minute timeout, instead of failing at once.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=False, enable_async_checkpointing=True,
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written; the message names the step and the newest one kept."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+  """The first line of an error, cut to `limit` characters (tensorstore's can be huge)."""
+  text = (str(error).strip().splitlines() or [""])[0]
+  text = text if len(text) <= limit else text[:limit] + "..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_iterator):
-  manager.save(int(state.step), args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
+  """Starts the async save of `state` (raising CheckpointSaveError, e.g. for a read-only or full
+  file system, with the earlier saves intact)."""
+  step = int(state.step)
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
+  except Exception as error:  # whatever the file system raised, through orbax or tensorstore
+    raise _save_error(manager, error, step) from None
+
+
+def check_saves(manager: ocp.CheckpointManager, *, wait: bool = False, step: int | None = None):
+  """Raises CheckpointSaveError if the background save (of `step`, the newest started) failed;
+  wait: after it finished."""
+  try:
+    manager.wait_until_finished() if wait else manager.check_for_errors()
+  except Exception as error:
+    raise _save_error(manager, error, step) from None
+
+
+def _save_error(manager, error, step=None):
+  kept = [s for s in manager.all_steps() if s != step]
+  newest = f"step {max(kept)} is the newest checkpoint kept" if kept else "no checkpoint is kept"
+  which = "a checkpoint" if step is None else f"the checkpoint of step {step}"
+  return CheckpointSaveError(f"could not save {which} in {manager.directory} "
+                             f"({one_line(error)}); {newest}")
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_state, data_iterator, *, say,
+                   all_agree=lambda ok: ok):
+  """The newest checkpoint that restores completely, walking back past broken ones.
+
+  A step folder that is empty, partial or has a truncated or corrupted array file is skipped with
+  one line (`say`) naming the step and why, and moved to <run>/unrestorable/<step> so that the
+  run can save that step again. all_agree(ok) -> bool: True when every process restored the step
+  (a step one process cannot read is skipped by all). Returns (state, step); (None, None) when
+  the folder holds no step; raises CheckpointError when none restores.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  reasons = []
+  for step in steps:
+    try:
+      state, reason = restore_checkpoint(manager, abstract_state, data_iterator, step), None
+    except Exception as error:  # what a broken file raises depends on the layer that reads it
+      state, reason = None, one_line(error)
+    if all_agree(reason is None):
+      for skipped, why in reasons:
+        _move_aside(manager, skipped)
+      return state, step
+    reasons.append((step, reason or "another process could not restore it"))
+    say(f"checkpoint step {step} does not restore, skipped: {reasons[-1][1]}")
+  if not steps:
+    return None, None
+  raise CheckpointError(f"no checkpoint in {manager.directory} restores (steps "
+                        f"{', '.join(str(s) for s, _ in reasons)}); move them away to start "
+                        "the run again from step 0")
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int):
+  """<run>/checkpoints/<step> -> <run>/unrestorable/<step>[.N] (process 0; kept for a look)."""
+  if jax.process_index() == 0:
+    aside = os.path.join(os.path.dirname(str(manager.directory)), "unrestorable")
+    os.makedirs(aside, exist_ok=True)
+    target, n = os.path.join(aside, str(step)), 0
+    while os.path.exists(target):
+      n += 1
+      target = os.path.join(aside, f"{step}.{n}")
+    os.rename(os.path.join(str(manager.directory), str(step)), target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
+  manager.reload()
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, data_iterator, step=None):
