@@ -47,7 +47,9 @@ def test_lengths_must_be_positive_integers():
 
 @pytest.mark.parametrize("task", tasks_lib.TASKS)
 def test_copying_model_scores_all_and_a_guessing_one_nothing(monkeypatch, tmp_path, task):
-  builder = tasks_lib.TaskBuilder(TOKENIZER, 15)
+  # Chunks of 15 where the answer fits (14 tokens), else of 31.
+  builder = tasks_lib.TaskBuilder(TOKENIZER, 15 if task in ("passkey", "multikey", "multihop")
+                                  else 31)
   settings = eval_lib.Settings(task=task, lengths=(600, 900), out=str(tmp_path / "r.json"),
                                samples=(9, 7), depths=3, batch=4)
   stream = _haystack(0, 5000)
@@ -68,7 +70,8 @@ def test_copying_model_scores_all_and_a_guessing_one_nothing(monkeypatch, tmp_pa
     answers = rng.choice(TOKENIZER.encode("0123456789"), (len(prompts), max_new))
     return answers, retrieving(prompts, False)
 
-  decoder = types.SimpleNamespace(config=types.SimpleNamespace(num_groups=2, chunk_len=15))
+  decoder = types.SimpleNamespace(config=types.SimpleNamespace(num_groups=2,
+                                                               chunk_len=builder.chunk_len))
   for model, expected in ((copying, 1.0), (guessing, 0.0)):
     monkeypatch.setattr(generate_lib, "continue_prompts", model)
     rows = eval_lib.evaluate_retrieval(decoder, builder, settings, stream, progress=False)
