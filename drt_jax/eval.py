@@ -265,7 +265,7 @@ def plot(results: dict, out: str) -> dict:
   base = os.path.splitext(out)[0]
   rows = results["results"]
   lengths = [r["length"] for r in rows]
-  labels = [f"{plotting.short_count(n)}\n{n / results['train_len']:.3g}x" for n in lengths]
+  labels = [f"{plotting.short_count(n)}\n{n / results['train_len']:.4g}x" for n in lengths]
   figures = {}
   if results["task"] == "ppl":
     fig, ax = plt.subplots(figsize=(6, 4))
