@@ -19,7 +19,8 @@ launch/sweep.sbatch).
 Every combination's config is built and validated (config.validate, the data config) before any
 run starts, so a misspelled field or a bad value fails in one line. The folder label joins the
 variant label and `field=value` per grid axis (the field's last name, or its whole path when two
-axes share a last name). RUNS_DIR/NAME/sweep.json records the sweep; each run folder gets
+axes share a last name). RUNS_DIR/NAME/sweep.json records every run's assignments (a later invocation may add runs, never
+change one's fields); each run folder gets
 `overrides.txt`, the `--config.field=value` flags it was trained with (one per line), so evaluation
 can rebuild the same config: `eval --config C $(cat RUN/overrides.txt) --checkpoint RUN`.
 Evaluation results belong in RUN/eval/<name>.json, where `drt_jax.compare` finds them.
@@ -157,19 +158,26 @@ def run_status(folder: str, num_train_steps: int) -> str:
   return "done" if max(steps) >= num_train_steps else f"step {max(steps)}"
 
 
-def _record(path: str, record: dict):
-  """Writes sweep.json, or checks that the one there describes the same sweep."""
+def _record(path: str, config: str, runs: list[Run]):
+  """Adds the runs to sweep.json (label -> assignments of every run the folder holds), refusing a
+  label recorded with other assignments or another config: its folder holds another run."""
+  saved = {"config": config, "runs": {}}
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    if {k: saved.get(k) for k in record} != record:
-      raise SweepError(f"{path} records a different sweep (config, grids, variants or sets); "
-                       "use another --name")
-    return
+    if saved["config"] != config:
+      raise SweepError(f"{path} records a sweep of --config {saved['config']}, not {config}; use "
+                       "another --name")
+  for run in runs:
+    before = saved["runs"].get(run.label)
+    if before is not None and before != list(run.assignments):
+      raise SweepError(f"{path}: run {run.label} was trained with {' '.join(before)}; use "
+                       "another --name (or --runs_dir)")
+    saved["runs"][run.label] = list(run.assignments)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"  # array tasks may write it at once: whole, then renamed
   with open(tmp, "w") as f:
-    json.dump(record, f, indent=2)
+    json.dump(saved, f, indent=2)
   os.replace(tmp, path)
 
 
@@ -215,10 +223,7 @@ def main(argv=None) -> int:
                      if a != "--dry_run"))
     return 0
   try:
-    _record(os.path.join(sweep_dir, "sweep.json"), {
-        "config": args.config, "grids": args.grid, "variants": args.variant, "sets": args.set,
-        "runs": [{"index": r.index, "label": r.label, "assignments": list(r.assignments)}
-                 for r in runs]})
+    _record(os.path.join(sweep_dir, "sweep.json"), args.config, selected)
   except SweepError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2

@@ -63,8 +63,8 @@ def test_sweep_trains_each_combination_in_its_folder_then_resumes_and_skips(tmp_
     assert "--config.model.topk=%d\n" % topk in (run / "overrides.txt").read_text()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 2
-  recorded = json.loads((tmp_path / "s" / "sweep.json").read_text())
-  assert [r["label"] for r in recorded["runs"]] == ["topk=1", "topk=2"]
+  recorded = json.loads((tmp_path / "s" / "sweep.json").read_text())["runs"]
+  assert list(recorded) == ["topk=1", "topk=2"] and "model.topk=2" in recorded["topk=2"]
 
   # The same command again: both finished, both skipped without starting training.
   result = _sweep(tmp_path, capfd, "--grid", "model.topk=1,2", "--set", "train.num_train_steps=2")
@@ -72,7 +72,7 @@ def test_sweep_trains_each_combination_in_its_folder_then_resumes_and_skips(tmp_
   # Another --set under the same name is refused: sweep.json records what the folders hold.
   result = _sweep(tmp_path, capfd, "--grid", "model.topk=1,2", "--set", "train.num_train_steps=3",
                   "--index", "1")
-  assert result.returncode == 2 and "records a different sweep" in result.stderr
+  assert result.returncode == 2 and "run topk=2 was trained with" in result.stderr
   # Once allowed, more steps for run 1 alone (--index) resume it from its step-2 checkpoint.
   os.remove(tmp_path / "s" / "sweep.json")
   result = _sweep(tmp_path, capfd, "--grid", "model.topk=1,2", "--set", "train.num_train_steps=3",
