@@ -1,5 +1,6 @@
-"""`python -m drt_jax.sweep --config C --name NAME [--grid field=v1,v2 ...] [--variant 'label: field=v
-...' ...] [--set field=value ...] [--runs_dir runs] [--dry_run] [--index I]`
+"""`python -m drt_jax.sweep --config C --name NAME [--grid field=v1,v2 ...]
+[--variant 'label: field=v ...' ...] [--set field=value ...] [--runs_dir runs] [--dry_run]
+[--index I]`
 
 Trains one run per combination of the grids (and variants), each in its own folder
 RUNS_DIR/NAME/<label>, through `python -m drt_jax.train` in a subprocess (a fresh process per run:
@@ -11,16 +12,16 @@ launch/sweep.sbatch).
 - `--grid model.topk=4,8`: one axis of the product; values split at top-level commas, so
   `--grid "model.decoder_layers=(2,2),(2,1,1)"` has two values. Values are parsed as
   `--config.field=value` parses them (a Python literal, else a string).
-- `--variant "swa: model.arch=swa model.decoder_layers=(4,)"`: a named set of fields (space-separated
-  assignments, shell-quoted where needed); the variants form one more axis, for comparisons whose
-  members differ in several fields at once (an architecture and its own layer counts).
+- `--variant "swa: model.arch=swa model.decoder_layers=(4,)"`: a named set of fields
+  (space-separated assignments, shell-quoted where needed); the variants form one more axis, for
+  comparisons whose members differ in several fields at once (an architecture and its layers).
 - `--set field=value`: applied to every run, before the grid and variant fields.
 
 Every combination's config is built and validated (config.validate, the data config) before any
 run starts, so a misspelled field or a bad value fails in one line. The folder label joins the
 variant label and `field=value` per grid axis (the field's last name, or its whole path when two
-axes share a last name). RUNS_DIR/NAME/sweep.json records every run's assignments (a later invocation may add runs, never
-change one's fields); each run folder gets
+axes share a last name). RUNS_DIR/NAME/sweep.json records every run's assignments (a later
+invocation may add runs, never change one's fields); each run folder gets
 `overrides.txt`, the `--config.field=value` flags it was trained with (one per line), so evaluation
 can rebuild the same config: `eval --config C $(cat RUN/overrides.txt) --checkpoint RUN`.
 Evaluation results belong in RUN/eval/<name>.json, where `drt_jax.compare` finds them.

@@ -89,7 +89,8 @@ def test_sweep_trains_each_combination_in_its_folder_then_resumes_and_skips(tmp_
 
 
 def test_dry_run_lists_runs_with_their_index_and_trains_nothing(tmp_path, capfd):
-  result = _sweep(tmp_path, capfd, "--grid", "model.topk=1,2", "--grid", "model.retrieval=learned,random",
+  result = _sweep(tmp_path, capfd, "--grid", "model.topk=1,2", "--grid",
+                  "model.retrieval=learned,random",
                   "--dry_run")
   assert result.returncode == 0, result.stderr
   rows = [line.split() for line in result.stdout.splitlines()[:4]]
@@ -101,7 +102,8 @@ def test_dry_run_lists_runs_with_their_index_and_trains_nothing(tmp_path, capfd)
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--grid", "model.topk=0,2"], "error: run 0 (topk=0): model.topk=0: must be a positive integer"),
+    (["--grid", "model.topk=0,2"],
+     "error: run 0 (topk=0): model.topk=0: must be a positive integer"),
     (["--grid", "model.topx=1,2"], "model.topx is not a config field"),
     (["--grid", "modelx.topk=1"], "modelx.topk is not a config field"),
     (["--grid", "model.topk=a,2"], "model.topk must be a int (got 'a')"),
