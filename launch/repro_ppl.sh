@@ -14,10 +14,12 @@
 # docs/benchmarks.md, configs/passkey_repro.py (d 256, 4 layers, k 8, Pallas) trained 12,000 steps
 # of 64 x 1008 tokens in 259 s on an H100: ~3.0M tokens/s. With 6 layers (1.5x the layer FLOPs)
 # ~2M tokens/s, so 2,500 x 32K tokens ~ 40 s per run, plus ~25 s of start-up and compilation
-# (seeds share the compilation cache): ~13 min of training; evaluation 16 windows x 3 lengths per
-# run (up to 32K tokens, a prefill each) ~15 s per run: ~3 min. Landmark (XLA, attention over all
-# blocks in training) and the 2-group DRT are slower than the estimate; if the first runs' step
-# time (metrics.jsonl step_time_s, printed by the loop) says the total will not fit, lower STEPS.
+# (seeds share the compilation cache): ~13 min of training. Evaluation: 16 windows x 3 lengths
+# per run (up to 32K tokens each; a compilation per length dominates, ~20-30 s per run): ~5 min.
+# ~18 min in all, close to the limit: Landmark (XLA, attention over all blocks in training) and
+# the 2-group DRT are slower than the estimate. If the first runs' step time (step_time_s in
+# RUN/metrics.jsonl) says it will not fit, lower STEPS (e.g. STEPS=2000) or run the variants in
+# two calls (VARIANTS="drt1 drt2 swa", then VARIANTS="swa2 landmark full"; finished runs skip).
 NAME=ppl
 CONFIG=configs/repro_lm.py
 SEEDS_DEFAULT=0,1
