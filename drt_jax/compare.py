@@ -7,14 +7,16 @@ RUNS_DIR/NAME: every sub-folder with a config.json). Per run it reads:
     eval_<task>_accuracy), the median step time of the logged intervals after the first (the
     first holds compilation), the training tokens (step x global batch x data.seq_len);
   - RUN/eval/*.json: `drt_jax.eval --out` results (drt_jax.sweep's convention): a column per
-    file and length, `<file>@<length>` (perplexity for ppl, exact-match accuracy for the tasks).
+    file and length, `<file>@<length>` (perplexity for ppl, exact-match accuracy for the tasks),
+    and for the tasks `<file> retrieved@<length>` (how often retrieval held the needle's chunks).
 Runs whose configs differ only in `seed` form one variant; when a variant has several seeds the
 Markdown also gets a table of their means and spreads (max - min).
 
 Writes DIR/compare.md, DIR/compare.csv (one row per run), DIR/compare.json (everything read, for
 bench/results/), and the plots DIR/loss.png (training and eval loss against training tokens),
 DIR/perplexity.png (perplexity against evaluation length, one line per run and ppl file) and
-DIR/accuracy.png (task accuracy against length, a panel per task file), each only when some run has
+DIR/accuracy.png (task accuracy against length, dashed: needle retrieved; a panel per task
+file), each only when some run has
 its data.
 """
 
@@ -123,6 +125,10 @@ def _eval_columns(data: dict) -> dict:
     metric = "perplexity" if result["task"] == "ppl" else "accuracy"
     for row in result["results"]:
       columns[f"{name}@{plotting.short_count(row['length'])}"] = row[metric]
+    for row in result["results"]:  # how often retrieval held the needle: a miss's culprit
+      if "needle_retrieved" in row:
+        columns[f"{name} retrieved@{plotting.short_count(row['length'])}"] = row[
+            "needle_retrieved"]
   return columns
 
 
@@ -246,9 +252,12 @@ def plots(runs: list[dict]) -> dict:
         train_lens.add(e["train_len"])
         ax.plot(xs, [row["accuracy"] for row in e["results"]], marker="o",
                 color=colors[r["label"]], label=r["label"])
+        if all("needle_retrieved" in row for row in e["results"]):
+          ax.plot(xs, [row["needle_retrieved"] for row in e["results"]], marker="x", ls="--",
+                  alpha=0.6, color=colors[r["label"]], label=f"{r['label']} needle retrieved")
       plotting.length_axis(ax, lengths, train_lens.pop() if len(train_lens) == 1 else None)
       ax.set(ylim=(-0.03, 1.03), xlabel="context length (tokens)",
-             ylabel="exact-match accuracy", title=name)
+             ylabel="fraction of samples (exact match; dashed: needle retrieved)", title=name)
       ax.legend(fontsize=7)
       ax.grid(alpha=0.3)
     figures["accuracy.png"] = fig

@@ -53,6 +53,7 @@ def test_table_has_the_differences_metrics_and_every_eval(two_runs, tmp_path):
     assert float(r["train_loss"]) > 0 and float(r["eval_loss"]) > 0
     assert float(r["ppl@21"]) > 1 and float(r["ppl@42"]) > 1 and float(r["step time (ms)"]) > 0
   assert [r["passkey@42"] for r in rows] == ["1.0", "0.5"]
+  assert [r["passkey retrieved@168"] for r in rows] == ["0.5", "0.5"]
   ppl = json.loads((two_runs / "seed=1" / "eval" / "ppl.json").read_text())
   assert float(rows[1]["ppl@42"]) == pytest.approx(ppl["results"][1]["perplexity"])
   text = (tmp_path / "compare.md").read_text()
