@@ -16,8 +16,7 @@ Writes DIR/compare.md, DIR/compare.csv (one row per run), DIR/compare.json (ever
 bench/results/), and the plots DIR/loss.png (training and eval loss against training tokens),
 DIR/perplexity.png (perplexity against evaluation length, one line per run and ppl file) and
 DIR/accuracy.png (task accuracy against length, dashed: needle retrieved; a panel per task
-file), each only when some run has
-its data.
+file), each only when some run has its data.
 """
 
 import argparse
