@@ -97,7 +97,8 @@ class TaskBuilder:
     if answer > self.chunk_len - 1:
       raise DataError(f"task {task!r}: its answer of {answer} tokens does not fit after the "
                       f"question in one chunk of model.chunk_len={self.chunk_len} (needs <= "
-                      f"{self.chunk_len - 1}); use fewer digits or a longer chunk")
+                      f"{self.chunk_len - 1}); use a longer chunk"
+                      + ("" if task == "vartrack" else " or fewer digits"))
     if length < self.min_length(task):
       raise DataError(f"samples of {length} tokens are too short for task {task!r} (needs >= "
                       f"{self.min_length(task)})")
