@@ -270,7 +270,13 @@ def apply_override(config: ml_collections.ConfigDict, assignment: str):
   *sections, field = name.split(".")
   node = config
   for section in sections:
+    if not isinstance(node, ml_collections.ConfigDict) or section not in node:
+      raise ConfigError(f"override {assignment!r}: {name} is not a config field")
     node = node[section]
-  if field not in node:
+  if not isinstance(node, ml_collections.ConfigDict) or field not in node:
     raise ConfigError(f"override {assignment!r}: {name} is not a config field")
-  node[field] = value
+  try:
+    node[field] = value
+  except TypeError:
+    raise ConfigError(f"override {assignment!r}: {name} must be a {type(node[field]).__name__} "
+                      f"(got {value!r})") from None

@@ -2,7 +2,10 @@
 --checkpoint RUN_DIR --lengths 4032,16128 --out results.json`
 
 ppl: perplexity over windows of each length from the held-out stream, non-overlapping, or every
---stride tokens scoring only each window's last stride tokens (REFERENCE_DRT.md §7.1).
+--stride tokens scoring only each window's last stride tokens (REFERENCE_DRT.md §7.1), or with
+--scored N the same tokens at every length: window k of every length ends at token
+max(lengths) + k N of the stream and scores its last N tokens, so the lengths differ only in the
+context before those tokens and a perplexity-against-length curve compares like with like.
 passkey, multikey, multihop: data/tasks.py samples in held-out text over a grid of lengths x needle
 depths; the model greedily decodes the answer, which must match exactly, every token (§7.2-7.4).
 Each length also reports how often the retrieval serving the answer held the needle's chunks
@@ -53,6 +56,8 @@ def _define_flags():
   flags.DEFINE_integer("windows", 16, "ppl: at most this many windows per length.")
   flags.DEFINE_integer("stride", 0, "ppl: 0 = non-overlapping windows; s > 0 = a window every s "
                        "tokens, scoring its last s tokens (the first window: all).")
+  flags.DEFINE_integer("scored", 0, "ppl: 0 = as --stride says; N > 0 = score the last N tokens "
+                       "of each window, the same tokens of the stream at every length.")
   flags.DEFINE_integer("batch", 8, "Sequences decoded together.")
   flags.DEFINE_integer("seed", 0, "Seed of the samples (haystack offsets, values, needles).")
 
@@ -72,6 +77,7 @@ class Settings:
   digits: int = 5
   windows: int = 16
   stride: int = 0
+  scored: int = 0
   batch: int = 8
   max_len: int | None = None
   segment_len: int | None = None
@@ -102,6 +108,13 @@ def check(settings: Settings, config: ml_collections.ConfigDict, stream_len: int
                     f"one per length ({len(s.lengths)})")
   if s.stride < 0:
     raise EvalError(f"--stride={s.stride}: must be >= 0")
+  if s.scored < 0:
+    raise EvalError(f"--scored={s.scored}: must be >= 0")
+  if s.scored and s.stride:
+    raise EvalError(f"--scored={s.scored} and --stride={s.stride}: give one of them")
+  if s.scored and s.scored >= min(s.lengths):
+    raise EvalError(f"--scored={s.scored}: must be shorter than every length (the first token "
+                    "of a window predicts nothing)")
   if not os.path.isdir(os.path.dirname(os.path.abspath(s.out))):
     raise EvalError(f"--out={s.out!r}: its folder does not exist")
   max_len = s.max_len or max(s.lengths)
@@ -190,14 +203,7 @@ def evaluate_perplexity(decoder, settings: Settings, stream, progress=True) -> l
   embedding = decoder.params["embed"]["embedding"]
   results = []
   for length in s.lengths:
-    step = s.stride or length
-    starts = np.arange(0, len(stream) - length + 1, step)[:s.windows]
-    # Token t of a window is scored (predicted from t - 1) if the window is the first, or if
-    # t is among its last `stride` tokens.
-    scored = np.ones((len(starts), length), np.float32)
-    scored[:, 0] = 0
-    if s.stride:
-      scored[1:, :length - s.stride] = 0
+    starts, scored = scored_windows(s, length, len(stream))
     start_time = time.perf_counter()
     total = count = 0.0
     with tqdm.tqdm(total=len(starts), desc=f"ppl @ {length}", disable=not progress) as bar:
@@ -218,9 +224,33 @@ def evaluate_perplexity(decoder, settings: Settings, stream, progress=True) -> l
         bar.update(len(rows))
     results.append({"length": length, "nll": total / count,
                     "perplexity": float(np.exp(total / count)), "windows": len(starts),
-                    "tokens": int(count),
+                    "tokens": int(count), "scored_per_window": s.scored or None,
                     "wall_s": time.perf_counter() - start_time})
   return results
+
+
+def scored_windows(settings: Settings, length: int, stream_len: int):
+  """(window starts int [W], which tokens each scores float32 [W, length]) for `length`.
+
+  A scored token t is predicted from t - 1. Default: non-overlapping windows, all tokens but
+  the first; --stride s: a window every s tokens, the first scoring all, the others their last s;
+  --scored N: window k ends at max(lengths) + k N, scoring its last N tokens (the same stream
+  tokens at every length; W = the windows that fit, at most --windows).
+  """
+  s = settings
+  if s.scored:
+    longest = max(s.lengths)
+    count = min(s.windows, (stream_len - longest) // s.scored + 1)
+    starts = longest + s.scored * np.arange(count) - length
+    scored = np.zeros((count, length), np.float32)
+    scored[:, length - s.scored:] = 1
+    return starts, scored
+  starts = np.arange(0, stream_len - length + 1, s.stride or length)[:s.windows]
+  scored = np.ones((len(starts), length), np.float32)
+  scored[:, 0] = 0
+  if s.stride:
+    scored[1:, :length - s.stride] = 0
+  return starts, scored
 
 
 def plot(results: dict, out: str) -> dict:
@@ -230,16 +260,21 @@ def plot(results: dict, out: str) -> dict:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  from drt_jax import plotting
+
   base = os.path.splitext(out)[0]
   rows = results["results"]
   lengths = [r["length"] for r in rows]
-  labels = [f"{n}\n({n / results['train_len']:g}x)" for n in lengths]
+  labels = [f"{plotting.short_count(n)}\n{n / results['train_len']:.4g}x" for n in lengths]
   figures = {}
   if results["task"] == "ppl":
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(lengths, [r["perplexity"] for r in rows], marker="o")
-    ax.set(xscale="log", xlabel="context length (tokens)", ylabel="perplexity",
-           title=f"perplexity, trained on {results['train_len']} tokens")
+    plotting.length_axis(ax, lengths, results["train_len"])
+    scored = results["settings"].get("scored")
+    ax.set(xlabel="context length (tokens; multiple of the training length)", ylabel="perplexity",
+           title=f"perplexity, trained on {results['train_len']} tokens"
+           + (f"\n(the same {scored} tokens per window at every length)" if scored else ""))
     figures[base + "_perplexity.png"] = fig
   else:
     depths = list(rows[0]["by_depth"])
@@ -259,7 +294,8 @@ def plot(results: dict, out: str) -> dict:
     ax.plot(lengths, [r["needle_retrieved"] for r in rows], marker="x", linestyle="--",
             label="needle's chunks retrieved")
     ax.legend(loc="lower left")
-    ax.set(xscale="log", ylim=(-0.02, 1.02), xlabel="context length (tokens)",
+    plotting.length_axis(ax, lengths, results["train_len"])
+    ax.set(ylim=(-0.02, 1.02), xlabel="context length (tokens; multiple of the training length)",
            ylabel="fraction of samples",
            title=f"{results['task']}, trained on {results['train_len']} tokens")
     figures[base + "_accuracy.png"] = fig
@@ -326,7 +362,8 @@ def main(argv):
     settings = Settings(
         task=f.task, lengths=parse_counts(f.lengths), out=f.out,
         samples=parse_counts(f.samples, "--samples"),
-        depths=f.depths, digits=f.digits, windows=f.windows, stride=f.stride, batch=f.batch,
+        depths=f.depths, digits=f.digits, windows=f.windows, stride=f.stride, scored=f.scored,
+        batch=f.batch,
         max_len=f.max_len, segment_len=f.segment_len, chunk_memory=f.chunk_memory, seed=f.seed)
     results = run(f.config, f.checkpoint, settings)
   except (config_lib.ConfigError, DataError, EvalError, inference.InputError,

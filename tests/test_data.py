@@ -134,8 +134,17 @@ class TestSources:
     files = sources.python_stdlib_files()
     assert len(files) > 100 and all(f.endswith(".py") and "-packages" not in f for f in files)
     assert len(stream) > 2_000_000
-    first = open(files[0], "rb").read()  # __future__.py or the like: UTF-8, not empty
-    np.testing.assert_array_equal(stream[:len(first) + 1], list(first) + [256])
+    # Held out by file: whole files, about 5% of them, spread over the library.
+    train, held_out = sources.stdlib_split(files, 0.05)
+    assert sorted(train + held_out) == files and not set(train) & set(held_out)
+    assert len(held_out) == int(np.ceil(0.05 * len(files)))
+    assert held_out != files[-len(held_out):]  # not the alphabetical tail
+    for span, first_file in ((corpus.train, train[0]), (corpus.eval, held_out[0])):
+      first = open(first_file, "rb").read()
+      if b"\0" in first or not first:
+        continue
+      np.testing.assert_array_equal(span.array()[:len(first) + 1], list(first) + [256])
+    assert len(corpus.eval) < 0.2 * len(corpus.train)
 
   def test_text_folder(self, tmp_path, text_dir):
     config = _config(tmp_path, source="text", path=str(text_dir), eval_fraction=0.25)

@@ -47,7 +47,9 @@ def test_lengths_must_be_positive_integers():
 
 @pytest.mark.parametrize("task", tasks_lib.TASKS)
 def test_copying_model_scores_all_and_a_guessing_one_nothing(monkeypatch, tmp_path, task):
-  builder = tasks_lib.TaskBuilder(TOKENIZER, 15)
+  # Chunks of 15 where the answer fits (14 tokens), else of 31.
+  builder = tasks_lib.TaskBuilder(TOKENIZER, 15 if task in ("passkey", "multikey", "multihop")
+                                  else 31)
   settings = eval_lib.Settings(task=task, lengths=(600, 900), out=str(tmp_path / "r.json"),
                                samples=(9, 7), depths=3, batch=4)
   stream = _haystack(0, 5000)
@@ -68,7 +70,8 @@ def test_copying_model_scores_all_and_a_guessing_one_nothing(monkeypatch, tmp_pa
     answers = rng.choice(TOKENIZER.encode("0123456789"), (len(prompts), max_new))
     return answers, retrieving(prompts, False)
 
-  decoder = types.SimpleNamespace(config=types.SimpleNamespace(num_groups=2, chunk_len=15))
+  decoder = types.SimpleNamespace(config=types.SimpleNamespace(num_groups=2,
+                                                               chunk_len=builder.chunk_len))
   for model, expected in ((copying, 1.0), (guessing, 0.0)):
     monkeypatch.setattr(generate_lib, "continue_prompts", model)
     rows = eval_lib.evaluate_retrieval(decoder, builder, settings, stream, progress=False)
@@ -124,6 +127,32 @@ def test_perplexity_equals_the_one_shot_loss(checkpoint, tmp_path, stride):
   assert result["tokens"] == int(count) == (length - 1) + (windows - 1) * (stride or length - 1)
   np.testing.assert_allclose(result["nll"], float(total / count), rtol=1e-5)
   np.testing.assert_allclose(result["perplexity"], np.exp(result["nll"]), rtol=1e-6)
+
+
+def test_equal_token_perplexity_scores_the_same_tokens_at_every_length(checkpoint, tmp_path):
+  config, folder, params = checkpoint
+  lengths, scored, windows = (14, 28, 42), 5, 3
+  settings = eval_lib.Settings(task="ppl", lengths=lengths, out=str(tmp_path / "ppl.json"),
+                               windows=windows, scored=scored, batch=2)
+  rows = eval_lib.run(config, folder, settings, progress=False)["results"]
+  assert [r["tokens"] for r in rows] == [windows * scored] * 3
+  stream = sources.load_corpus(config.data, tokenizer_lib.make_tokenizer("byte")).eval.array()
+  model = lm.make_model(config_lib.validate(config))
+  ends = max(lengths) + scored * np.arange(windows)  # the same scored stream tokens for all
+  for length, row in zip(lengths, rows):
+    tokens = jnp.asarray(np.stack([stream[e - length:e] for e in ends]), jnp.int32)
+    mask = np.zeros((windows, length), np.int32)
+    mask[:, -scored:] = 1
+    total, count = lm.loss_terms(model, jax.device_get(params), tokens, train=False,
+                                 rng=jax.random.key(0), target_weights=jnp.asarray(mask))
+    assert int(count) == windows * scored
+    np.testing.assert_allclose(row["nll"], float(total / count), rtol=1e-5)
+  assert len({round(r["nll"], 6) for r in rows}) == 3  # the context changes the numbers
+  for overrides, message in ((dict(scored=14), "--scored=14: must be shorter than every length"),
+                             (dict(scored=3, stride=3), "give one of them"),
+                             (dict(scored=-1), "--scored=-1: must be >= 0")):
+    with pytest.raises(eval_lib.EvalError, match=message):
+      eval_lib.run(config, folder, dataclasses.replace(settings, **overrides), progress=False)
 
 
 def test_bad_input_gives_one_error_and_no_file(checkpoint, tmp_path):

@@ -6,7 +6,8 @@ Sources (`data.source`):
   pystdlib  the standard library's own Python sources (~35M characters of code with its tests on a
          full install), every `*.py` file under sysconfig's "stdlib" folder outside site-packages /
          dist-packages, in sorted path order, one document per file: a corpus too large for a small
-         model to memorise, with no download.
+         model to memorise, with no download. Split BY FILE (stdlib_split): held-out files are
+         never seen in training, so long-context evaluation reads whole unseen files.
   text   `data.path`: a file, or a folder read recursively (hidden names skipped), files in sorted
          path order, one document per file; binary (NUL bytes) and non-UTF-8 files are skipped.
   jsonl  `data.path`: a JSON-lines file (`.gz`: gzip-compressed), or a folder of `*.jsonl` and
@@ -31,8 +32,8 @@ memory-mapped: restarts and grain workers neither re-tokenize nor copy the corpu
 several processes, process 0 tokenizes and the others wait for its file (`_cached_tokens`).
 
 Held-out data: `data.eval_path` (text, jsonl, parquet, datasets) names its own files, read like
-data.path; tfds uses the "validation" split; otherwise the last `data.eval_fraction` of the token
-stream is held out.
+data.path; tfds uses the "validation" split; pystdlib holds out `data.eval_fraction` of its files
+(stdlib_split); otherwise the last `data.eval_fraction` of the token stream is held out.
 """
 
 import dataclasses
@@ -41,6 +42,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -100,8 +102,12 @@ def load_corpus(data, tokenizer: Tokenizer) -> Corpus:
   if data.source == "pydoc":
     stream = _pydoc_tokens(data, tokenizer)
   elif data.source == "pystdlib":
-    stream = _file_tokens(data, tokenizer, "pystdlib", python_stdlib_files(), _text_documents,
-                          where="data.source='pystdlib'")
+    train_files, eval_files = stdlib_split(python_stdlib_files(), data.eval_fraction)
+    where = "data.source='pystdlib'"
+    return Corpus(
+        train=_file_tokens(data, tokenizer, "pystdlib", train_files, _text_documents, where=where),
+        eval=_file_tokens(data, tokenizer, "pystdlib-eval", eval_files, _text_documents,
+                          where=where))
   elif data.source in FILE_SOURCES:
     stream = _source_tokens(data, tokenizer, data.path, "data.path", TFDS_TRAIN_SPLIT)
     if data.eval_path:
@@ -177,6 +183,18 @@ def python_stdlib_files() -> list[str]:
   if not files:
     raise DataError(f"data.source='pystdlib': no *.py files under {root}")
   return sorted(files)
+
+
+def stdlib_split(files: list[str], eval_fraction: float) -> tuple[list[str], list[str]]:
+  """(train files, held-out files), both in sorted order: the held-out ones are the
+  ceil(eval_fraction * len(files)) files first in the order of the SHA-256 of their path relative
+  to the stdlib folder, so the choice is spread over the library (not its alphabetical tail) and
+  the same on every install of a Python version."""
+  root = sysconfig.get_paths()["stdlib"]
+  rank = sorted(files, key=lambda f: hashlib.sha256(
+      os.path.relpath(f, root).replace(os.sep, "/").encode("utf-8")).hexdigest())
+  held_out = set(rank[:max(1, math.ceil(eval_fraction * len(files)))])
+  return [f for f in files if f not in held_out], [f for f in files if f in held_out]
 
 
 def _text_documents(path: str, text_field: str) -> Iterator[str | None]:

@@ -1,6 +1,6 @@
 """Synthetic retrieval tasks: passkey, multi-key and multi-hop samples in a haystack of ordinary
-text (docs/specification.md §7.2-7.4), aligned to the model's chunk size, every answer token
-scored.
+text (docs/specification.md §7.2-7.4), and two of RULER's (Hsieh et al., 2024): multi-query NIAH and
+variable tracking; aligned to the model's chunk size, every answer token scored.
 
 Layout of a sample of T tokens, c = model.chunk_len:
     haystack ... needle(s) ... haystack ... question | answer | tail
@@ -14,6 +14,16 @@ answer (< c tokens) is the haystack's own text, so a training sample needs no lo
 
 Values are strings of random digits, one token per digit, spliced as the same ids into needle,
 question and answer: a model that copies the needle answers exactly, whatever the tokenizer.
+
+The RULER tasks, as here:
+  multiquery  RULER's niah_multiquery: 4 key-value needles, all 4 keys asked in one question (in
+              an order independent of the text's), answer "v1, v2, v3, v4".
+  vartrack    RULER's variable tracking: a chain "VAR A = 12345", "VAR B = VAR A", ... of 4 hops
+              (5 names of 5 capital letters, one token each), asked "which variables equal
+              12345?", answer the 5 names in chain order, space-separated. Here a second chain
+              with another value is also hidden (RULER's default has one), so the question's
+              value matters; and a chain's assignments sit at independent random places (each is
+              an equation, which a retriever reads alone), where RULER keeps them in order.
 """
 
 import dataclasses
@@ -23,8 +33,11 @@ import numpy as np
 from drt_jax.data import DataError
 from drt_jax.data.tokenizer import Tokenizer
 
-TASKS = ("passkey", "multikey", "multihop")
+TASKS = ("passkey", "multikey", "multihop", "multiquery", "vartrack")
 _NOISE_KEYS = 5  # multikey: key-value needles besides the one asked for (the reference's 5)
+_QUERIES = 4  # multiquery: needles, all asked (RULER's num_needle_k = num_needle_q = 4)
+_HOPS = 4  # vartrack: assignments after the value's in each chain (RULER's num_hops)
+_NAME_LETTERS = 5  # vartrack: letters of a variable name (RULER's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,27 +73,45 @@ class TaskBuilder:
     if any(len(ids) != 1 for ids in digit_ids):
       raise DataError("tokenizer: tasks need every digit 0-9 to encode as one token")
     self._digit_ids = np.array([ids[0] for ids in digit_ids], np.int32)
+    letter_ids = [tokenizer.encode(chr(c)) for c in range(ord("A"), ord("Z") + 1)]
+    # None: vartrack cannot be built (check() says so); the other tasks can.
+    self._letter_ids = (np.array([ids[0] for ids in letter_ids], np.int32)
+                        if all(len(ids) == 1 for ids in letter_ids) else None)
     self._text = {name: tokenizer.encode(text).astype(np.int32) for name, text in {
         "passkey": "|The passkey is ", "passkey_q": "|What is the passkey? The passkey is ",
         "key": "|One of the special magic numbers for ", "is": " is ",
         "key_q": "|The value of ", "hop": "|DEF ", "arrow": " -> ",
-        "hop_q": "|The path from ", "comma": ", ", "end": "|"}.items()}
+        "hop_q": "|The path from ", "comma": ", ", "end": "|",
+        "keys_q": "|The values of ", "are": " are ", "var": "|VAR ", "equals": " = ",
+        "var_ref": " = VAR ", "var_q": "|Which variables equal ",
+        "var_a": "? They are: ", "space": " "}.items()}
 
   def check(self, task: str, length: int):
     """Raises DataError unless `task` samples of `length` tokens can be built."""
     if task not in TASKS:
       raise DataError(f"task {task!r}: must be one of {', '.join(TASKS)}")
+    if task == "vartrack" and self._letter_ids is None:
+      raise DataError("task 'vartrack': needs every capital letter A-Z to encode as one token "
+                      "with this tokenizer")
     answer = self.answer_len(task)
     if answer > self.chunk_len - 1:
       raise DataError(f"task {task!r}: its answer of {answer} tokens does not fit after the "
                       f"question in one chunk of model.chunk_len={self.chunk_len} (needs <= "
-                      f"{self.chunk_len - 1}); use fewer digits or a longer chunk")
+                      f"{self.chunk_len - 1}); use a longer chunk"
+                      + ("" if task == "vartrack" else " or fewer digits"))
     if length < self.min_length(task):
       raise DataError(f"samples of {length} tokens are too short for task {task!r} (needs >= "
                       f"{self.min_length(task)})")
 
   def answer_len(self, task: str) -> int:
-    return 2 * self.digits + len(self._text["comma"]) if task == "multihop" else self.digits
+    comma = len(self._text["comma"])
+    if task == "multihop":
+      return 2 * self.digits + comma
+    if task == "multiquery":
+      return _QUERIES * self.digits + (_QUERIES - 1) * comma
+    if task == "vartrack":
+      return (_HOPS + 1) * _NAME_LETTERS + _HOPS * len(self._text["space"])
+    return self.digits
 
   def min_length(self, task: str) -> int:
     """The shortest sample (in tokens) `task` fits in: needles, question, an aligned answer."""
@@ -102,13 +133,22 @@ class TaskBuilder:
       tokens[start:start + len(needle)] = needle
     tokens[question_start:answer_start] = question
     tokens[answer_start:answer_start + len(answer)] = answer
-    evidence = np.concatenate([starts[i] + np.arange(offset, offset + self.digits)
+    evidence = np.concatenate([starts[i] + np.arange(offset, offset + self._value_len(task))
                                for i, offset in values])
     return Sample(tokens=tokens, answer_start=answer_start, answer=answer,
                   needle_start=int(starts[0]), depth=float(depth), evidence=evidence)
 
   def _value(self, rng):
     return self._digit_ids[rng.integers(0, 10, self.digits)]
+
+  def _names(self, rng, count):
+    """`count` distinct variable names, int32 [count, _NAME_LETTERS] of capital letters."""
+    names = []
+    while len(names) < count:
+      name = rng.integers(0, 26, _NAME_LETTERS)
+      if not any(np.array_equal(name, other) for other in names):
+        names.append(name)
+    return self._letter_ids[np.stack(names)]
 
   def _pieces(self, task, rng):
     """(needles, the answering one first; question; answer; values) as int32 token arrays, with
@@ -124,6 +164,30 @@ class TaskBuilder:
       key, value = pairs[0]
       return (needles, cat([t["key_q"], key, t["is"]]), value,
               [(0, len(t["key"]) + self.digits + len(t["is"]))])
+    if task == "multiquery":
+      pairs = []
+      while len(pairs) < _QUERIES:  # distinct keys: each question has one answer
+        key = self._value(rng)
+        if not any(np.array_equal(key, k) for k, _ in pairs):
+          pairs.append((key, self._value(rng)))
+      needles = [cat([t["key"], k, t["is"], v, t["end"]]) for k, v in pairs]
+      keys = cat([x for k, _ in pairs for x in (t["comma"], k)][1:])
+      answer = cat([x for _, v in pairs for x in (t["comma"], v)][1:])
+      offset = len(t["key"]) + self.digits + len(t["is"])
+      return (needles, cat([t["keys_q"], keys, t["are"]]), answer,
+              [(i, offset) for i in range(_QUERIES)])
+    if task == "vartrack":
+      # Chain 0 is asked, chain 1 hides another value; needle i of a chain assigns name i.
+      names = self._names(rng, 2 * (_HOPS + 1)).reshape(2, _HOPS + 1, _NAME_LETTERS)
+      values = [self._value(rng), self._value(rng)]
+      while np.array_equal(values[0], values[1]):
+        values[1] = self._value(rng)
+      needles = [cat([t["var"], chain[0], t["equals"], value, t["end"]])
+                 if i == 0 else cat([t["var"], chain[i], t["var_ref"], chain[i - 1], t["end"]])
+                 for chain, value in zip(names, values) for i in range(_HOPS + 1)]
+      answer = cat([x for name in names[0] for x in (t["space"], name)][1:])
+      return (needles, cat([t["var_q"], values[0], t["var_a"]]), answer,
+              [(i, len(t["var"])) for i in range(_HOPS + 1)])
     # multihop: chains a -> b -> c (asked) and a' -> b' -> c' (noise), one needle per hop.
     a, b, c, a2, b2, c2 = (self._value(rng) for _ in range(6))
     needles = [cat([t["hop"], x, t["arrow"], y, t["end"]])
@@ -131,6 +195,10 @@ class TaskBuilder:
     hop_value = len(t["hop"]) + self.digits + len(t["arrow"])
     return (needles, cat([t["hop_q"], a, t["is"]]), cat([b, t["comma"], c]),
             [(0, hop_value), (1, hop_value)])
+
+  def _value_len(self, task: str) -> int:
+    """Tokens of one value of the answer (a variable name for vartrack, else digits)."""
+    return _NAME_LETTERS if task == "vartrack" else self.digits
 
   def _place(self, lengths, room: int, depth: float, rng) -> list[int]:
     """Non-overlapping starts in [0, room) for needles of `lengths`: the first at `depth`, the
