@@ -18,7 +18,7 @@ import json
 import os
 import re
 
-MATMUL = re.compile(r"gemm|cublas|cutlass|xmma|wgmma|matmul|\bdot\b", re.IGNORECASE)
+MATMUL = re.compile(r"gemm|cublas|nvjet|cutlass|xmma|wgmma|matmul|\bdot\b", re.IGNORECASE)
 ATTENTION = re.compile(r"sliding_window|gca|flash|attention", re.IGNORECASE)
 COPY = re.compile(r"memcpy|memset|copy", re.IGNORECASE)
 INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$')
@@ -97,6 +97,9 @@ def summarize(trace_path: str, hlo_path: str | None, steps: int, depth: int = 3)
     args = event.get("args", {})
     hlo_op = args.get("hlo_op") or args.get("long_name") or event["name"]
     scope, instruction = index.get(hlo_op, ("", ""))
+    # XLA on the GPU runs most of a step as command buffers (CUDA graphs): hlo_op then names the
+    # buffer, and the kernel's own op and scope are in tf_op ("<op_name>:<op>" or the op_name).
+    scope = args.get("tf_op", "").rsplit(":", 1)[0] or scope
     key = (hlo_op, event["name"], scope, category(event["name"], hlo_op, instruction))
     ops[key]["us"] += event["dur"]
     ops[key]["count"] += 1
@@ -128,9 +131,9 @@ def print_summary(summary: dict, top: int = 30) -> None:
   print(f"\n{'scope':48} {'ms/step':>9} {'share':>6}")
   for r in summary["by_scope"][:top]:
     print(f"{r['scope'][:48]:48} {r['ms_per_step']:9.2f} {r['share']:6.1%}")
-  print(f"\n{'op':36} {'category':16} {'ms/step':>8} {'n':>5} {'share':>6}  scope")
+  print(f"\n{'kernel':36} {'category':16} {'ms/step':>8} {'n':>5} {'share':>6}  scope")
   for r in summary["top_ops"][:top]:
-    print(f"{r['hlo_op'][:36]:36} {r['category']:16} {r['ms_per_step']:8.3f} "
+    print(f"{r['kernel'][:36]:36} {r['category']:16} {r['ms_per_step']:8.3f} "
           f"{r['count_per_step']:5.0f} {r['share']:6.1%}  {r['scope'][:70]}")
 
 
