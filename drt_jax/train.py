@@ -33,6 +33,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metric
 _STEPS_THIS_RUN = flags.DEFINE_integer(
     "steps_this_run", None, "Stop (with a checkpoint) after this many steps; a later run resumes. "
     "For jobs with a wall-clock limit.")
+_PROFILE_STEPS = flags.DEFINE_integer(
+    "profile_steps", 0, "Trace this many steps after the first of this run with jax.profiler into "
+    "<workdir>/profile (bench/trace_top_ops.py prints its top ops); 0 = no trace.")
 # Multi-process runs (launch/README.md): all three, or none inside SLURM's srun (SLURM_* is read).
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0's coordination service.")
@@ -88,9 +91,10 @@ def _evaluate(trainer, compiled_eval, params, eval_batches, task_steps):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-          steps_this_run: int | None = None) -> dict:
+          steps_this_run: int | None = None, profile_steps: int = 0) -> dict:
   """Runs (or resumes) training to config.train.num_train_steps, or for `steps_this_run` steps;
-  returns the metrics logged last."""
+  returns the metrics logged last. profile_steps > 0 traces that many steps, from this run's
+  second, into <workdir>/profile."""
   distributed.check_same_config(config, workdir)  # first: validation errors then agree everywhere
   model_config = config_lib.validate(config)
   pipeline.validate_data_config(config.data)
@@ -162,10 +166,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   data_state = None
   try:
     for step in range(start, stop):
+      if profile_steps and step == start + 1:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
       data_state = train_iter.get_state()  # to rewind to if Ctrl-C lands before the step is done
       batch = trainer.global_batch(next(train_iter))
       state, step_metrics = compiled_step(state, batch)
       data_state = None
+      if profile_steps and step == start + profile_steps:
+        jax.block_until_ready(step_metrics)
+        jax.profiler.stop_trace()
+        profile_steps = 0
       if pending is not None:
         last = _log_step(writer, bar, *pending)
       interval_steps += 1
@@ -199,6 +209,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       train_lib.save_checkpoint(manager, state, train_iter)
     raise
   finally:
+    if profile_steps and stop > start + 1:  # the run ended inside the traced steps
+      jax.profiler.stop_trace()
     manager.wait_until_finished()
     manager.close()
     writer.close()
@@ -229,7 +241,8 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   try:
     distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    train(_CONFIG.value, _WORKDIR.value, steps_this_run=_STEPS_THIS_RUN.value)
+    train(_CONFIG.value, _WORKDIR.value, steps_this_run=_STEPS_THIS_RUN.value,
+          profile_steps=_PROFILE_STEPS.value)
   except (config_lib.ConfigError, pipeline.DataError, distributed.LaunchError) as error:
     raise SystemExit(f"error: {error}") from None
   except KeyboardInterrupt:
