@@ -34,7 +34,7 @@ def _rel(a, b):
   return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
-# block 16 splits the 74 rows into 5 blocks with 6 padded rows; 4096 takes them in one block.
+# block 16 splits the 37 positions into 3 blocks with 11 padded positions; 4096 takes them in one.
 @pytest.mark.parametrize("block", [16, 4096])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_loss_and_gradients_match_dense_float64(block, dtype, tol):
