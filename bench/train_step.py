@@ -1,11 +1,15 @@
 """Compiled train-step time, tokens/s and MFU of one or more configs, measured in one run.
 
   python bench/train_step.py --config configs/drt_pg19.py --baseline configs/swa_pg19.py \
-      --set train.global_batch_size=4 --set data.source=pydoc --out FILE.json
+      --set train.global_batch_size=4 --set data.source=pydoc --out FILE.json [--profile_steps 3]
 
 Batches are random token ids (no input pipeline in the timing); each step is timed to completion
 and the median over --steps steps after --warmup steps is reported. With --baseline, every
-config's step time is also given as a ratio to the baseline's.
+config's step time is also given as a ratio to the baseline's. MFU is given two ways: the
+project's matmul count (drt_jax.config.flops_per_token) and 6 x non-embedding params per position
+plus attention (`mfu_6n`). --profile_steps N traces N more steps of each config with jax.profiler
+(into --profile_dir/<config>/, with the compiled step's HLO text) and prints its top device ops
+(bench/trace_top_ops.py); the summary goes into the JSON too.
 """
 
 import argparse
@@ -22,8 +26,31 @@ from drt_jax import config as config_lib
 from drt_jax import hardware
 from drt_jax import train_lib
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import trace_top_ops  # noqa: E402
 
-def measure(path: str, overrides: list[str], steps: int, warmup: int) -> dict:
+
+def flops_per_token_6n(model_config, seq_len: int, non_embedding_params: int) -> float:
+  """6 x non-embedding params per position, plus 12 x (keys attended) x heads x head_dim per
+  attention layer and position (PaLM's convention; sliding-window keys = min(W + 1, length),
+  GCA keys = topk x chunk_len, encoder keys = chunk_size). DRT's landmark rows are positions too.
+  The tied LM head is embedding params, so its matmul is not counted here."""
+  m = model_config
+  width = m.head_dim * m.num_heads
+  if m.arch == "swa":
+    positions, length = 1.0, seq_len
+    keys = sum(m.decoder_layers) * min(m.window + 1, length)
+  else:
+    positions = m.chunk_size / m.chunk_len
+    length = seq_len * positions
+    keys = (sum(m.decoder_layers) * min(m.window + 1, length)
+            + sum(m.decoder_layers[1:]) * min(m.topk, length / m.chunk_size) * m.chunk_len
+            + m.encoder_layers * m.chunk_size)
+  return positions * (6.0 * non_embedding_params + 12.0 * keys * width)
+
+
+def measure(path: str, overrides: list[str], steps: int, warmup: int, profile_steps: int = 0,
+            profile_dir: str = "") -> dict:
   config = config_lib.load_config_file(path)
   for assignment in overrides:
     config_lib.apply_override(config, assignment)
@@ -46,8 +73,29 @@ def measure(path: str, overrides: list[str], steps: int, warmup: int) -> dict:
     if i >= warmup:
       times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
+  profile = None
+  if profile_steps:
+    name = os.path.splitext(os.path.basename(path))[0]
+    folder = os.path.join(profile_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    hlo = os.path.join(folder, "step.hlo.txt")
+    with open(hlo, "w") as f:
+      f.write(step.as_text())
+    with jax.profiler.trace(folder):
+      for i in range(profile_steps):
+        state, metrics = step(state, batches[i % 2])
+      jax.block_until_ready((state, metrics))
+    profile = trace_top_ops.summarize(trace_top_ops.find_trace(folder), hlo, profile_steps)
+    print(f"--- profile of {path} {' '.join(overrides)}")
+    trace_top_ops.print_summary(profile)
+    profile["top_ops"] = profile["top_ops"][:60]
   tokens = config.train.global_batch_size * config.data.seq_len
   flops = config_lib.flops_per_token(model_config, config.data.seq_len) * tokens
+  leaves = jax.tree_util.tree_leaves_with_path(state.params)
+  params = sum(leaf.size for _, leaf in leaves)
+  embedding = sum(leaf.size for p, leaf in leaves if "embed" in jax.tree_util.keystr(p)
+                  and "embedding" in jax.tree_util.keystr(p))
+  flops_6n = flops_per_token_6n(model_config, config.data.seq_len, params - embedding) * tokens
   peak = hardware.peak_flops()
   memory = step.memory_analysis()
   return {
@@ -57,8 +105,12 @@ def measure(path: str, overrides: list[str], steps: int, warmup: int) -> dict:
       "compile_s": compile_s, "step_s_median": step_s, "step_s_all": times,
       "tokens_per_s": tokens / step_s, "model_tflops_per_step": flops / 1e12,
       "mfu": None if peak is None else flops / step_s / (peak * jax.device_count()),
+      "params": params, "non_embedding_params": params - embedding,
+      "tflops_6n_per_step": flops_6n / 1e12,
+      "mfu_6n": None if peak is None else flops_6n / step_s / (peak * jax.device_count()),
       "final_loss": float(metrics["loss"]),
       "temp_memory_gib": None if memory is None else memory.temp_size_in_bytes / 2**30,
+      "profile": profile,
   }
 
 
@@ -70,11 +122,17 @@ def main():
                       help="override applied to every config (repeatable)")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--profile_steps", type=int, default=0,
+                      help="trace this many more steps of each config (0 = no profile)")
+  parser.add_argument("--profile_dir", default="",
+                      help="where traces go; default: the --out file's folder")
   parser.add_argument("--out", required=True, help="JSON file for the results")
   args = parser.parse_args()
 
   paths = args.config + ([args.baseline] if args.baseline else [])
-  results = [measure(path, args.set, args.steps, args.warmup) for path in paths]
+  profile_dir = args.profile_dir or os.path.dirname(os.path.abspath(args.out))
+  results = [measure(path, args.set, args.steps, args.warmup, args.profile_steps, profile_dir)
+             for path in paths]
   if args.baseline:
     base = results[-1]["step_s_median"]
     for result in results:
@@ -82,12 +140,15 @@ def main():
   report = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "results": results}
   with open(args.out, "w") as f:
     json.dump(report, f, indent=2)
-  print(f"{'config':28} {'impl':6} {'step ms':>9} {'tokens/s':>11} {'MFU':>6} {'ratio':>6}")
+  print(f"{'config':28} {'impl':6} {'batch':>5} {'step ms':>9} {'tokens/s':>11} {'MFU':>6} "
+        f"{'MFU 6N':>6} {'ratio':>6}")
   for r in results:
     mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+    mfu_6n = "-" if r["mfu_6n"] is None else f"{r['mfu_6n']:.1%}"
     ratio = f"{r.get('step_time_ratio_to_baseline', float('nan')):.2f}"
-    print(f"{os.path.basename(r['config']):28} {r['impl']:6} {r['step_s_median'] * 1e3:9.1f} "
-          f"{r['tokens_per_s']:11.0f} {mfu:>6} {ratio:>6}")
+    print(f"{os.path.basename(r['config']):28} {r['impl']:6} {r['global_batch_size']:5} "
+          f"{r['step_s_median'] * 1e3:9.1f} {r['tokens_per_s']:11.0f} {mfu:>6} {mfu_6n:>6} "
+          f"{ratio:>6}")
 
 
 if __name__ == "__main__":

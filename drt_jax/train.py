@@ -47,6 +47,9 @@ LOG_FORMATS = ("auto", "bar", "lines")
 _LOG = flags.DEFINE_enum(
     "log", "auto", LOG_FORMATS, "Progress output: a tqdm bar, a plain line per logged step (for "
     "log files), or auto: the bar on a terminal, lines otherwise.")
+_PROFILE_STEPS = flags.DEFINE_integer(
+    "profile_steps", 0, "Trace this many steps after the first of this run with jax.profiler into "
+    "<workdir>/profile (bench/trace_top_ops.py prints its top ops); 0 = no trace.")
 # Multi-process runs (launch/README.md): all three, or none inside SLURM's srun (SLURM_* is read).
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0's coordination service.")
@@ -189,10 +192,12 @@ def _lock_run_folder(workdir: str) -> run_lock.RunLock:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-          steps_this_run: int | None = None, log: str = "auto") -> dict:
+          steps_this_run: int | None = None, log: str = "auto",
+          profile_steps: int = 0) -> dict:
   """Runs (or resumes) training to config.train.num_train_steps, or for `steps_this_run` steps;
   returns the metrics logged last. log: "bar" (tqdm), "lines" (a plain line per logged step) or
   "auto" (the bar on a terminal, lines otherwise); progress=False prints neither.
+  profile_steps > 0 traces that many steps, from this run's second, into <workdir>/profile.
 
   SIGTERM or SIGUSR1 stops every process after the same step with a checkpoint of it (raising
   SystemExit(128 + signal)); Ctrl-C saves the step it interrupted and raises KeyboardInterrupt.
@@ -211,7 +216,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   lock = _lock_run_folder(workdir)
   try:
     return _train_locked(config, workdir, trainer, model_config, progress=progress,
-                         steps_this_run=steps_this_run, log=log, main_process=main_process)
+                         steps_this_run=steps_this_run, log=log, main_process=main_process,
+                         profile_steps=profile_steps)
   finally:
     lock.release()
 
@@ -222,7 +228,7 @@ def _one_of_logs(log):
 
 
 def _train_locked(config, workdir, trainer, model_config, *, progress, steps_this_run, log,
-                  main_process):
+                  main_process, profile_steps):
   manager = train_lib.checkpoint_manager(os.path.join(workdir, "checkpoints"),
                                          config.train.keep_checkpoints)
   has_checkpoint = bool(manager.all_steps())
@@ -312,13 +318,21 @@ def _train_locked(config, workdir, trainer, model_config, *, progress, steps_thi
   evaluated = None  # the step of the newest eval
   data_state = None
   stop_signal = preemption.StopSignal()
+  tracing = False
   try:
     with stop_signal:
       for step in range(start + 1, stop + 1):
+        if profile_steps and step == start + 2:
+          jax.profiler.start_trace(os.path.join(workdir, "profile"))
+          tracing = True
         data_state = train_iter.get_state()  # to rewind to if Ctrl-C lands before the step is done
         batch = trainer.global_batch(next(train_iter))
         state, step_metrics = compiled_step(state, batch)
         data_state = None
+        if tracing and step == start + 1 + profile_steps:
+          jax.block_until_ready(step_metrics)
+          jax.profiler.stop_trace()
+          tracing = False
         if pending is not None:  # the step before: the device is busy with this one meanwhile
           out.step_done(*pending, row=due(pending[0], train_config.log_every))
         pending = (step, step_metrics)
@@ -364,6 +378,8 @@ def _train_locked(config, workdir, trainer, model_config, *, progress, steps_thi
         save(state)
     raise
   finally:
+    if tracing:  # the run ended inside the traced steps
+      jax.profiler.stop_trace()
     try:
       train_lib.check_saves(manager, wait=True, step=saved[0])
     finally:
@@ -387,7 +403,8 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   try:
     distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    train(_CONFIG.value, _WORKDIR.value, steps_this_run=_STEPS_THIS_RUN.value, log=_LOG.value)
+    train(_CONFIG.value, _WORKDIR.value, steps_this_run=_STEPS_THIS_RUN.value, log=_LOG.value,
+          profile_steps=_PROFILE_STEPS.value)
   except (config_lib.ConfigError, pipeline.DataError, distributed.LaunchError, run_lock.LockError,
           train_lib.CheckpointError, train_lib.CheckpointSaveError, NonFiniteError,
           metrics_lib.WandbMissingError) as error:

@@ -193,9 +193,10 @@ class Trainer:
                jax.tree.map(jnp.zeros_like, state.params))
       (total, count, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     # Sum of per-token gradients / all scored tokens: a token-weighted mean like the reference.
-    grads = jax.tree.map(lambda g: g / count, grads)
-    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+      grads = jax.tree.map(lambda g: g / count, grads)
+      updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads),
                "learning_rate": learning_rate_schedule(self.config.train)(state.step),
                # Steps of the run so far whose update apply_if_finite skipped (NaN/inf gradients).

@@ -44,6 +44,7 @@ def _interpret() -> bool:
   return jax.default_backend() != "gpu"
 
 
+@jax.named_scope("sliding_window_attention")
 def sliding_window(q, k, v, slopes, *, window: int, scale: float, impl: str):
   """Causal sliding-window attention. q [b, t, heads, d], k/v [b, t, kv_heads, d] -> like q."""
   if impl != "pallas":
@@ -72,6 +73,7 @@ def sliding_window_decode(q, k_cache, v_cache, slopes, *, window: int, scale: fl
                           () if slopes is None else (slopes,))
 
 
+@jax.named_scope("grouped_cross_attention")
 def grouped_cross_attention(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int,
                             softmax_off_by_one: bool, impl: str):
   """GCA (kernels_pallas/gca.py). q [b, n, s, heads, d], k/v_mem [b, m, t, kv_heads, d],

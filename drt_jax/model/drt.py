@@ -1,6 +1,7 @@
 """The full DRT (§2): landmarks, lower layers, chunk memory, G retrieval groups of upper layers."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from drt_jax.config import ModelConfig
@@ -16,6 +17,7 @@ def token_embedding(config: ModelConfig) -> nn.Embed:
                   embedding_init=layers.normal_init(config, ("vocab", "embed")), name="embed")
 
 
+@jax.named_scope("insert_landmarks")
 def insert_landmarks(x, landmark):
   """Token rows [batch, chunks, chunk_len, d] -> [batch, chunks * S, d], the landmark vector [d]
   after every chunk (§1.2)."""
@@ -24,6 +26,7 @@ def insert_landmarks(x, landmark):
   return x.reshape(batch, -1, d_model)
 
 
+@jax.named_scope("drop_landmarks")
 def drop_landmarks(x, chunk_size: int):
   """[batch, chunks * S, d] -> [batch, chunks * (S - 1), d]: row t belongs to raw token t."""
   batch, _, d_model = x.shape
