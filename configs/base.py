@@ -12,7 +12,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 404  # the reference's --seed
 
   model = config.model = ml_collections.ConfigDict()
-  model.arch = "drt"  # "drt" (retrieval) or "swa" (sliding-window baseline, no landmarks)
+  # "drt" (retrieval), "swa" (sliding-window baseline, no landmarks), "full" (full causal attention
+  # with RoPE; needs use_alibi=False) or "landmark" (Landmark Attention); model/architectures.py
+  model.arch = "drt"
   model.vocab_size = 259  # rows of the tied embedding; must cover the tokenizer's vocab
   model.d_model = 768  # D
   model.num_heads = 12  # h; head_dim = d_model / num_heads
@@ -21,16 +23,18 @@ def get_config() -> ml_collections.ConfigDict:
   model.decoder_layers = (6, 6)  # [lower, upper layers of group 1, ...]; G = len - 1
   model.encoder_layers = 2  # bidirectional chunk-encoder depth
   model.chunk_len = 63  # c: real tokens per chunk; each chunk gets one landmark (S = c + 1)
-  model.window = 512  # W: query i attends keys [i - W, i] in the landmark-inserted stream
+  model.window = 512  # W: query i attends keys [i - W, i] in the landmark-inserted stream (not full)
   model.use_alibi = True  # ALiBi in decoder self-attention, slopes 2^(-8(h+1)/H)
   model.topk = 8  # K: retrieved chunks per chunk
   model.gumbel = True  # Gumbel top-k sampling in training (never in eval)
-  model.retrieval = "learned"  # "learned" (landmark scores) or "random" (uniform past chunks)
+  # "learned" (landmark scores) or "random" (uniform past chunks; outside training a fixed draw per
+  # group, chunk and candidate: docs/design.md)
+  model.retrieval = "learned"
   model.residual = "reference"  # "reference": GCA only feeds the MLP input; "standard": x + GCA
   model.softmax_off_by_one = True  # GCA softmax gets +1 in its denominator (the zeroed landmark row)
   model.rms_eps = 1e-5
   model.encoder_rms_eps = 1e-6  # the reference encoder's LlamaConfig default (§8 item 8)
-  model.rope_theta = 10000.0  # encoder RoPE base
+  model.rope_theta = 10000.0  # RoPE base of the chunk encoder (and of arch "full")
   model.init_std = 0.02
   model.impl = "xla"  # attention/GCA implementation: "xla" or "pallas"
   model.dtype = "bfloat16"  # compute dtype; params stay float32
