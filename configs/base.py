@@ -12,7 +12,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 404  # the reference's --seed
 
   model = config.model = ml_collections.ConfigDict()
-  model.arch = "drt"  # "drt" (retrieval) or "swa" (sliding-window baseline, no landmarks)
+  # "drt" (retrieval), "swa" (sliding-window baseline, no landmarks) or "landmark" (Landmark
+  # Attention baseline, Mohtashami & Jaggi 2023: a landmark per chunk_len tokens, grouped softmax
+  # over every earlier block in every one of sum(decoder_layers) layers in training, each query's
+  # top-k blocks at inference; docs/design.md). Landmark uses chunk_len, topk, decoder_layers,
+  # rope_theta and landmark_selection; window, use_alibi, encoder and retrieval fields are DRT's.
+  model.arch = "drt"
   model.vocab_size = 259  # rows of the tied embedding; must cover the tokenizer's vocab
   model.d_model = 768  # D
   model.num_heads = 12  # h; head_dim = d_model / num_heads
@@ -30,7 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
   model.softmax_off_by_one = True  # GCA softmax gets +1 in its denominator (the zeroed landmark row)
   model.rms_eps = 1e-5
   model.encoder_rms_eps = 1e-6  # the reference encoder's LlamaConfig default (§8 item 8)
-  model.rope_theta = 10000.0  # encoder RoPE base
+  model.rope_theta = 10000.0  # RoPE base: DRT's chunk encoder, landmark attention's every layer
+  # Landmark inference: each query's top-k earlier blocks chosen per head ("per_head", the
+  # original's default) or once for all heads by the largest over heads of the landmark softmax
+  # ("shared", the original's "max over heads").
+  model.landmark_selection = "per_head"
   model.init_std = 0.02
   model.impl = "xla"  # attention/GCA implementation: "xla" or "pallas"
   model.dtype = "bfloat16"  # compute dtype; params stay float32

@@ -10,7 +10,8 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-ARCHS = ("drt", "swa")
+ARCHS = ("drt", "swa", "landmark")
+LANDMARK_SELECTIONS = ("per_head", "shared")
 RETRIEVAL_MODES = ("learned", "random")
 RESIDUALS = ("reference", "standard")
 IMPLS = ("xla", "pallas")
@@ -71,6 +72,7 @@ class ModelConfig:
   impl: str
   dtype: str
   remat: bool
+  landmark_selection: str
 
   def __post_init__(self):
     f = lambda name: f"model.{name}"  # noqa: E731
@@ -98,6 +100,10 @@ class ModelConfig:
     _one_of(f("residual"), self.residual, RESIDUALS)
     _one_of(f("impl"), self.impl, IMPLS)
     _one_of(f("dtype"), self.dtype, DTYPES)
+    _one_of(f("landmark_selection"), self.landmark_selection, LANDMARK_SELECTIONS)
+    if self.arch == "landmark":
+      _require(self.impl == "xla", f("impl"), self.impl,
+               "model.arch='landmark' has no Pallas kernel; must be 'xla'")
     for name in ("rms_eps", "encoder_rms_eps", "rope_theta", "init_std"):
       value = getattr(self, name)
       _require(isinstance(value, (int, float)) and value > 0, f(name), value, "must be > 0")
@@ -169,7 +175,7 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   model = ModelConfig.from_config(config.model)
   seq_len = config.data.seq_len
   _positive_int("data.seq_len", seq_len)
-  if model.arch == "drt":
+  if model.arch in ("drt", "landmark"):
     _require(seq_len % model.chunk_len == 0, "data.seq_len", seq_len,
              f"must be a multiple of model.chunk_len={model.chunk_len} "
              f"(e.g. {max(1, seq_len // model.chunk_len) * model.chunk_len})")
@@ -189,11 +195,15 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
   if model.arch == "swa":
     positions_per_token = 1.0
     layers, upper = sum(model.decoder_layers), 0
+  elif model.arch == "landmark":
+    positions_per_token = model.chunk_size / model.chunk_len
+    layers, upper = sum(model.decoder_layers), 0
   else:
     positions_per_token = model.chunk_size / model.chunk_len
     layers, upper = model.decoder_layers[0], sum(model.decoder_layers[1:])
   length = seq_len * positions_per_token
-  visible = min(model.window + 1, length)
+  # Landmark attention scores every earlier row (its grouped softmax is causal, unwindowed).
+  visible = length / 2 if model.arch == "landmark" else min(model.window + 1, length)
   block = 2 * d * (h + 2 * kv) + 2 * h * d + 3 * 2 * d * f + 2 * 2 * visible * h
   forward = (layers + upper) * block
   if model.arch == "drt":

@@ -30,8 +30,9 @@ def drop_landmarks(x, chunk_size: int):
   return x.reshape(batch, -1, chunk_size, d_model)[:, :, :-1].reshape(batch, -1, d_model)
 
 
-def maybe_remat(config: ModelConfig, module_class):
-  return nn.remat(module_class) if config.remat else module_class
+def maybe_remat(config: ModelConfig, module_class, static_argnums: tuple[int, ...] = ()):
+  """module_class under remat when config.remat; static_argnums as nn.remat's (self is 0)."""
+  return nn.remat(module_class, static_argnums=static_argnums) if config.remat else module_class
 
 
 class DRT(nn.Module):

@@ -81,19 +81,19 @@ def output_projection(config: ModelConfig, name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _rope_angles(length: int, head_dim: int, theta: float):
+def _rope_angles(length: int, head_dim: int, theta: float, first: int):
   inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-  angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
+  angles = np.arange(first, first + length, dtype=np.float64)[:, None] * inv_freq[None, :]
   return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def apply_rope(x, theta: float):
-  """HF-Llama "rotate-half" RoPE over positions 0..length-1 (§2.4).
+def apply_rope(x, theta: float, first: int = 0):
+  """HF-Llama "rotate-half" RoPE over positions first..first+length-1 (§2.4).
 
   x: [..., length, heads, head_dim] -> same shape and dtype.
   """
   length, head_dim = x.shape[-3], x.shape[-1]
-  cos, sin = _rope_angles(length, head_dim, float(theta))
+  cos, sin = _rope_angles(length, head_dim, float(theta), first)
   cos = jnp.concatenate([cos, cos], axis=-1)[:, None, :]
   sin = jnp.concatenate([sin, sin], axis=-1)[:, None, :]
   x32 = x.astype(jnp.float32)

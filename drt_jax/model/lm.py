@@ -8,10 +8,11 @@ from drt_jax.config import ModelConfig
 from drt_jax.model.baselines import SlidingWindowLM
 from drt_jax.model.drt import DRT
 from drt_jax.model.head import cross_entropy_sum, tied_logits
+from drt_jax.model.landmark import LandmarkLM
 
 
 def make_model(config: ModelConfig) -> nn.Module:
-  return DRT(config) if config.arch == "drt" else SlidingWindowLM(config)
+  return {"drt": DRT, "swa": SlidingWindowLM, "landmark": LandmarkLM}[config.arch](config)
 
 
 def init_params(model: nn.Module, rng, batch: int, length: int):

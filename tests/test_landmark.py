@@ -1,0 +1,91 @@
+"""Landmark Attention: the blockwise op against a dense reference, and the whole model."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from drt_jax.config import ConfigError
+from drt_jax.model import lm
+from drt_jax.model.landmark_attention import landmark_attention
+from tests.helpers import model_config, random_tokens, small_config
+from tests.landmark_reference import landmark_attention_dense
+
+SIZE, THETA = 5, 10000.0  # S = chunk_len + 1 rows per block
+
+
+def _qkv(seed, *, batch=2, blocks=4, heads=4, kv_heads=2, head_dim=8):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  rows = blocks * SIZE
+  q = jax.random.normal(keys[0], (batch, rows, heads, head_dim))
+  k = jax.random.normal(keys[1], (batch, rows, kv_heads, head_dim))
+  v = jax.random.normal(keys[2], (batch, rows, kv_heads, head_dim))
+  return q, k, v
+
+
+@pytest.mark.parametrize("topk,selection", [(None, "per_head"), (2, "per_head"), (2, "shared"),
+                                            (1, "shared")])
+def test_blockwise_matches_dense_reference(topk, selection):
+  q, k, v = _qkv(0)
+  settings = dict(theta=THETA, scale=8 ** -0.5, topk=topk, selection=selection)
+  got = landmark_attention(q, k, v, chunk_size=SIZE, **settings)
+  want = landmark_attention_dense(q, k, v, size=SIZE, **settings)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_gradients_match_dense_reference():
+  q, k, v = _qkv(1, blocks=3)
+  weights = jax.random.normal(jax.random.key(2), q.shape)
+  settings = dict(theta=THETA, scale=8 ** -0.5)
+
+  def loss(fn, **extra):
+    return lambda q, k, v: jnp.sum(fn(q, k, v, **settings, **extra) * weights)
+
+  got = jax.grad(loss(landmark_attention, chunk_size=SIZE), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(landmark_attention_dense, size=SIZE), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5)
+
+
+def test_topk_of_every_block_is_the_training_softmax():
+  q, k, v = _qkv(3)
+  settings = dict(chunk_size=SIZE, theta=THETA, scale=8 ** -0.5)
+  np.testing.assert_allclose(landmark_attention(q, k, v, topk=4, **settings),
+                             landmark_attention(q, k, v, **settings), atol=1e-6, rtol=1e-6)
+
+
+def _model(**overrides):
+  config = model_config(small_config(arch="landmark", **overrides))
+  model = lm.make_model(config)
+  params = nn.unbox(lm.init_params(model, jax.random.key(0), 1, 42))
+  return config, model, params
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_model_is_causal(train):
+  _, model, params = _model(topk=2)
+  tokens = random_tokens(4, 1, 42)
+  t = 17
+  changed = tokens.at[:, t].set((tokens[:, t] + 1) % 257)
+  before, after = (model.apply({"params": params}, x, train=train) for x in (tokens, changed))
+  np.testing.assert_array_equal(before[:, :t], after[:, :t])
+  assert np.abs(before[:, t:] - after[:, t:]).max() > 1e-4
+
+
+def test_model_trains_every_parameter():
+  _, model, params = _model()
+  tokens = random_tokens(5, 2, 42)
+  grads = jax.grad(lambda p: lm.loss_terms(model, p, tokens, train=True,
+                                           rng=jax.random.key(0))[0])(params)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert np.abs(g).max() > 0, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("landmark_selection", "max", "model.landmark_selection='max': must be one of"),
+    ("impl", "pallas", "model.impl='pallas': model.arch='landmark' has no Pallas kernel"),
+])
+def test_bad_landmark_config_is_one_line_error(field, value, message):
+  with pytest.raises(ConfigError, match=message):
+    model_config(small_config(arch="landmark", **{field: value}))
