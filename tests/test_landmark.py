@@ -9,6 +9,7 @@ import pytest
 from drt_jax.config import ConfigError
 from drt_jax.model import lm
 from drt_jax.model.landmark_attention import landmark_attention
+from drt_jax.model.landmark_decode import Decoder
 from tests.helpers import model_config, random_tokens, small_config
 from tests.landmark_reference import landmark_attention_dense
 
@@ -89,3 +90,35 @@ def test_model_trains_every_parameter():
 def test_bad_landmark_config_is_one_line_error(field, value, message):
   with pytest.raises(ConfigError, match=message):
     model_config(small_config(arch="landmark", **{field: value}))
+
+
+def _decoded(config, params, tokens, prompt_len, *, segment_len):
+  """Hidden states of tokens [b, T] fed as a prompt of prompt_len, then one step at a time."""
+  session = Decoder(config, params, max_len=tokens.shape[1],
+                    segment_len=segment_len).start(tokens.shape[0])
+  pieces = [hidden for _, hidden in session.feed(tokens[:, :prompt_len])]
+  pieces += [session.step(tokens[:, t])[:, None] for t in range(prompt_len, tokens.shape[1])]
+  return jnp.concatenate(pieces, axis=1)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 6, 7, 8, 26])  # 1, c - 1, c, c + 1, 3c + 5
+def test_decoding_equals_one_shot_retrieval_forward(prompt_len):
+  config, model, params = _model(topk=2)
+  tokens = random_tokens(6, 2, 42)
+  want = model.apply({"params": params}, tokens, train=False)
+  got = _decoded(config, params, tokens, prompt_len, segment_len=14)  # segments of 2 blocks
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_decoding_with_topk_of_every_block_equals_training_forward():
+  config, model, params = _model(topk=6, landmark_selection="shared")
+  tokens = random_tokens(7, 1, 42)
+  want = model.apply({"params": params}, tokens, train=True)
+  np.testing.assert_allclose(_decoded(config, params, tokens, 10, segment_len=7), want,
+                             atol=2e-5, rtol=2e-5)
+
+
+def test_host_chunk_memory_is_one_line_error():
+  config, _, params = _model()
+  with pytest.raises(ConfigError, match="chunk_memory='host': model.arch='landmark'"):
+    Decoder(config, params, max_len=42, segment_len=7).start(1, chunk_memory="host")
