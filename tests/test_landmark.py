@@ -9,7 +9,7 @@ import pytest
 from drt_jax.config import ConfigError
 from drt_jax.model import lm
 from drt_jax.model.landmark_attention import landmark_attention
-from drt_jax.model.landmark_decode import Decoder
+from drt_jax.model.landmark_decode import Decoder, Session
 from tests.helpers import model_config, random_tokens, small_config
 from tests.landmark_reference import landmark_attention_dense
 
@@ -122,3 +122,19 @@ def test_host_chunk_memory_is_one_line_error():
   config, _, params = _model()
   with pytest.raises(ConfigError, match="chunk_memory='host': model.arch='landmark'"):
     Decoder(config, params, max_len=42, segment_len=7).start(1, chunk_memory="host")
+
+
+def test_sessions_at_different_lengths_step_together():
+  config, model, params = _model(topk=2)
+  tokens = random_tokens(8, 2, 42)
+  want = model.apply({"params": params}, tokens, train=False)
+  decoder = Decoder(config, params, max_len=42, segment_len=14)
+  sessions = [decoder.start(1), decoder.start(1)]
+  sessions[0].prefill(tokens[:1, :20])
+  sessions[1].prefill(tokens[1:, :9])
+  both = Session.concatenate(sessions)
+  lengths = np.array([20, 9])
+  for _ in range(13):  # the two cross block boundaries at different steps
+    hidden = both.step(tokens[np.arange(2), lengths])
+    np.testing.assert_allclose(hidden, want[np.arange(2), lengths], atol=2e-5, rtol=2e-5)
+    lengths += 1

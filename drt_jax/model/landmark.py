@@ -30,7 +30,7 @@ from drt_jax.model.landmark_attention import (attend_blocks, grouped_attention, 
 class LandmarkSelfAttention(nn.Module):
   """Landmark attention of one layer. Shapes: b batch, n blocks of S rows, d d_model.
 
-  mode "forward": x [b, n * S, d], whole blocks of one sequence from its start.
+  mode "train": x [b, n * S, d], whole blocks of one sequence from its start (no state).
   mode "segment": x [b, n * S, d], whole blocks continuing every sequence at the same block
     boundary, over the cached blocks before them.
   mode "step": x [b, 1, d], one new row per sequence, each at its own position.
@@ -38,7 +38,7 @@ class LandmarkSelfAttention(nn.Module):
   earlier blocks (inference, model.landmark_selection). Returns the compute dtype, like x.
   """
   config: ModelConfig
-  mode: str = "forward"
+  mode: str = "train"
   capacity: int = 0  # blocks the cache holds (modes "segment" and "step")
 
   @nn.compact
@@ -50,7 +50,7 @@ class LandmarkSelfAttention(nn.Module):
     v = layers.head_projection(c, c.num_kv_heads, "v")(x)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
     settings = dict(scale=c.head_dim ** -0.5, topk=topk, selection=c.landmark_selection)
-    if self.mode == "forward":
+    if self.mode == "train":
       out = landmark_attention(q, k, v, chunk_size=size, theta=c.rope_theta, **settings)
     elif self.mode == "segment":
       out = self._segment(q, k, v, settings)
@@ -123,7 +123,7 @@ class LandmarkLM(nn.Module):
   dropped from the output, so output row t belongs to raw token t.
   """
   config: ModelConfig
-  mode: str = "forward"  # see LandmarkSelfAttention
+  mode: str = "train"  # see LandmarkSelfAttention
   capacity: int = 0
 
   def setup(self):

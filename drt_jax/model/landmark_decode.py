@@ -125,6 +125,17 @@ class Session:
     self.lengths = np.zeros(batch, np.int64)  # tokens fed per sequence, known without a sync
     self.cache = _initial_cache(decoder.config, decoder.capacity, batch, decoder.params)
 
+  @classmethod
+  def concatenate(cls, sessions) -> "Session":
+    """One session holding the sequences of all `sessions` (one decoder), in order; they may be
+    at different lengths. The sessions given are used up."""
+    merged = cls.__new__(cls)
+    merged.decoder = sessions[0].decoder
+    merged.batch = sum(s.batch for s in sessions)
+    merged.lengths = np.concatenate([s.lengths for s in sessions])
+    merged.cache = jax.tree.map(lambda *xs: jnp.concatenate(xs), *(s.cache for s in sessions))
+    return merged
+
   def feed(self, tokens) -> Iterator[tuple[int, jax.Array]]:
     """Feeds int [batch, n] tokens, every sequence at the same length.
 
