@@ -1,5 +1,7 @@
 """Landmark Attention: the blockwise op against a dense reference, and the whole model."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -101,9 +103,10 @@ def _decoded(config, params, tokens, prompt_len, *, segment_len):
   return jnp.concatenate(pieces, axis=1)
 
 
-@pytest.mark.parametrize("prompt_len", [1, 6, 7, 8, 26])  # 1, c - 1, c, c + 1, 3c + 5
-def test_decoding_equals_one_shot_retrieval_forward(prompt_len):
-  config, model, params = _model(topk=2)
+@pytest.mark.parametrize("prompt_len,selection", [  # 1, c - 1, c, c + 1, 3c + 5
+    (1, "per_head"), (6, "per_head"), (7, "per_head"), (8, "shared"), (26, "per_head")])
+def test_decoding_equals_one_shot_retrieval_forward(prompt_len, selection):
+  config, model, params = _model(topk=2, landmark_selection=selection)
   tokens = random_tokens(6, 2, 42)
   want = model.apply({"params": params}, tokens, train=False)
   got = _decoded(config, params, tokens, prompt_len, segment_len=14)  # segments of 2 blocks
@@ -138,3 +141,17 @@ def test_sessions_at_different_lengths_step_together():
     hidden = both.step(tokens[np.arange(2), lengths])
     np.testing.assert_allclose(hidden, want[np.arange(2), lengths], atol=2e-5, rtol=2e-5)
     lengths += 1
+
+
+def test_training_never_holds_logits_of_the_whole_sequence():
+  """Forward and backward hold per-query-block logits [b, h, S, blocks, S], never [b, h, T, T]."""
+  q, k, v = _qkv(9, batch=1, blocks=8)
+  rows = q.shape[1]
+
+  def loss(q, k, v):
+    return jnp.sum(landmark_attention(q, k, v, chunk_size=SIZE, theta=THETA, scale=0.3))
+
+  text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+  sizes = [int(np.prod([int(n) for n in dims.split(",")]))
+           for dims in re.findall(r"\[(\d+(?:,\d+)*)\]", text)]
+  assert max(sizes) < q.shape[2] * rows * rows / 2
