@@ -40,7 +40,7 @@ def setup():
   mc = model_config(config)
   model = lm.make_model(mc)
   params = nn.meta.unbox(lm.init_params(model, jax.random.key(0), 1, config.data.seq_len))
-  decoder = inference.Decoder(mc, params, max_len=7 * CHUNKS, segment_len=SEGMENT)
+  decoder = inference.DRTDecoder(mc, params, max_len=7 * CHUNKS, segment_len=SEGMENT)
   return model, params, decoder
 
 
@@ -71,7 +71,7 @@ def runs(setup):
   tokens = np.asarray(random_tokens(1, 2, 7 * CHUNKS))
   results = {}
   for blocks, sizes in BLOCKS.items():
-    blocked = inference.Decoder(decoder.config, params, max_len=decoder.max_len,
+    blocked = inference.DRTDecoder(decoder.config, params, max_len=decoder.max_len,
                                 segment_len=SEGMENT, **sizes)
     for plan, feeds in PLANS.items():
       for memory in inference.CHUNK_MEMORIES:
@@ -167,7 +167,7 @@ def test_host_memory_keeps_no_context_sized_array_on_the_device(setup):
   segments, steps and a landmark."""
   _, params, decoder = setup
   capacity, sizes = 1001, {1001, 2000}
-  big = inference.Decoder(decoder.config, params, max_len=7 * capacity, segment_len=SEGMENT,
+  big = inference.DRTDecoder(decoder.config, params, max_len=7 * capacity, segment_len=SEGMENT,
                           key_block=1000)
   tokens = np.asarray(random_tokens(5, 2, 35))
   session = big.start(2, "host")
@@ -243,7 +243,7 @@ def test_pallas_inference_matches_the_forward():
   params = nn.meta.unbox(lm.init_params(xla, jax.random.key(0), 1, config.data.seq_len))
   tokens = np.asarray(random_tokens(6, 2, config.data.seq_len))
   config.model.impl = "pallas"
-  decoder = inference.Decoder(model_config(config), params, max_len=63 * 12, segment_len=63 * 4)
+  decoder = inference.DRTDecoder(model_config(config), params, max_len=63 * 12, segment_len=63 * 4)
   with jax.default_matmul_precision("highest"):
     expected, _ = _one_shot(xla, params, tokens)
     session = decoder.start(2, "host")
@@ -288,11 +288,11 @@ def test_bad_inputs_are_named(setup):
   mc = decoder.config
   with pytest.raises(config_lib.ConfigError, match="segment_len=10: must be a positive multiple "
                      "of model.chunk_len=7"):
-    inference.Decoder(mc, decoder.params, max_len=56, segment_len=10)
+    inference.DRTDecoder(mc, decoder.params, max_len=56, segment_len=10)
   with pytest.raises(config_lib.ConfigError, match="key_block=0: must be a positive integer"):
-    inference.Decoder(mc, decoder.params, max_len=56, segment_len=14, key_block=0)
+    inference.DRTDecoder(mc, decoder.params, max_len=56, segment_len=14, key_block=0)
   with pytest.raises(config_lib.ConfigError, match="gather_block=-1: must be a positive integer"):
-    inference.Decoder(mc, decoder.params, max_len=56, segment_len=14, gather_block=-1)
+    inference.DRTDecoder(mc, decoder.params, max_len=56, segment_len=14, gather_block=-1)
   with pytest.raises(config_lib.ConfigError, match="chunk_memory='disk'"):
     decoder.start(1, "disk")
 

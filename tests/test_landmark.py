@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from drt_jax.config import ConfigError
-from drt_jax.model import lm
+from drt_jax.model import architectures, lm
 from drt_jax.model.landmark_attention import landmark_attention
-from drt_jax.model.landmark_decode import Decoder, Session
 from tests.helpers import model_config, random_tokens, small_config
 from tests.landmark_reference import landmark_attention_dense
 
@@ -96,8 +95,8 @@ def test_bad_landmark_config_is_one_line_error(field, value, message):
 
 def _decoded(config, params, tokens, prompt_len, *, segment_len):
   """Hidden states of tokens [b, T] fed as a prompt of prompt_len, then one step at a time."""
-  session = Decoder(config, params, max_len=tokens.shape[1],
-                    segment_len=segment_len).start(tokens.shape[0])
+  session = architectures.make_decoder(config, params, max_len=tokens.shape[1],
+                                       segment_len=segment_len).start(tokens.shape[0])
   pieces = [hidden for _, hidden in session.feed(tokens[:, :prompt_len])]
   pieces += [session.step(tokens[:, t])[:, None] for t in range(prompt_len, tokens.shape[1])]
   return jnp.concatenate(pieces, axis=1)
@@ -123,19 +122,20 @@ def test_decoding_with_topk_of_every_block_equals_training_forward():
 
 def test_host_chunk_memory_is_one_line_error():
   config, _, params = _model()
-  with pytest.raises(ConfigError, match="chunk_memory='host': model.arch='landmark'"):
-    Decoder(config, params, max_len=42, segment_len=7).start(1, chunk_memory="host")
+  decoder = architectures.make_decoder(config, params, max_len=42, segment_len=7)
+  with pytest.raises(ConfigError, match="model.arch='landmark' with chunk_memory='host'"):
+    decoder.start(1, chunk_memory="host")
 
 
 def test_sessions_at_different_lengths_step_together():
   config, model, params = _model(topk=2)
   tokens = random_tokens(8, 2, 42)
   want = model.apply({"params": params}, tokens, train=False)
-  decoder = Decoder(config, params, max_len=42, segment_len=14)
+  decoder = architectures.make_decoder(config, params, max_len=42, segment_len=14)
   sessions = [decoder.start(1), decoder.start(1)]
   sessions[0].prefill(tokens[:1, :20])
   sessions[1].prefill(tokens[1:, :9])
-  both = Session.concatenate(sessions)
+  both = decoder.concatenate(sessions)
   lengths = np.array([20, 9])
   for _ in range(13):  # the two cross block boundaries at different steps
     hidden = both.step(tokens[np.arange(2), lengths])

@@ -7,7 +7,7 @@ of model/landmark_attention.py; the blocks are otherwise DRT's decoder blocks (R
 Positions are RoPE (base model.rope_theta) restarting in every block (landmark_attention.rotate).
 
 LandmarkLM is the one module of training and decoding: `__call__` is the one-shot forward and
-composes the stage methods (block_rows / token_row / landmark_row -> layers -> finish) that
+composes the stage methods (chunk_rows / token_row / landmark_row -> layers -> finish) that
 decoding calls one piece at a time with mode "segment" or "step"; those modes keep a cache per
 layer (flax collection "cache"): every finished block's rotated keys and values, and the current
 block's rows.
@@ -19,8 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from drt_jax.config import ModelConfig
+from drt_jax.config import ConfigError, ModelConfig
 from drt_jax.model import layers
+from drt_jax.model.architectures import Architecture
 from drt_jax.model.blocks import DecoderBlock
 from drt_jax.model.drt import drop_landmarks, insert_landmarks, maybe_remat, token_embedding
 from drt_jax.model.landmark_attention import (attend_blocks, grouped_attention, landmark_attention,
@@ -132,7 +133,7 @@ class LandmarkLM(nn.Module):
     self.embed = token_embedding(c)
     self.landmark = self.param("landmark", layers.normal_init(c, ("embed",)), (c.d_model,),
                                jnp.float32)
-    block = maybe_remat(c, DecoderBlock, static_argnums=(2,))  # topk is static
+    block = maybe_remat(c, DecoderBlock, self.mode, static_argnums=(2,))  # topk is static
     self.blocks = [block(c, attention) for _ in range(sum(c.decoder_layers))]
     self.final_norm = layers.RMSNorm(c.rms_eps)
 
@@ -141,10 +142,10 @@ class LandmarkLM(nn.Module):
     if tokens.shape[1] % c.chunk_len:
       raise ValueError(f"sequence length {tokens.shape[1]} must be a multiple of "
                        f"model.chunk_len={c.chunk_len}")
-    x = self.layers(self.block_rows(tokens), None if train else c.topk)
+    x = self.layers(self.chunk_rows(tokens), None if train else c.topk)
     return drop_landmarks(self.finish(x), c.chunk_size)
 
-  def block_rows(self, tokens):
+  def chunk_rows(self, tokens):
     """int [b, n * chunk_len] from a block boundary -> [b, n * S, d], a landmark per block."""
     c = self.config
     batch, length = tokens.shape
@@ -166,3 +167,22 @@ class LandmarkLM(nn.Module):
 
   def finish(self, x):
     return self.final_norm(x)
+
+
+def _validate(config: ModelConfig):
+  if config.impl != "xla":
+    raise ConfigError(f"model.impl={config.impl!r}: model.arch='landmark' has no Pallas kernel; "
+                      "must be 'xla'")
+
+
+def _decoder(config: ModelConfig, params, **options):
+  from drt_jax import landmark_inference  # it builds on this module
+
+  return landmark_inference.LandmarkDecoder(config, params, **options)
+
+
+ARCHITECTURES = {
+    "landmark": Architecture(name="landmark", module=LandmarkLM, decoder=_decoder,
+                             chunk_memories=("device",), validate=_validate,
+                             sequence_multiple="chunk_len"),
+}

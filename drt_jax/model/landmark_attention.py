@@ -129,7 +129,7 @@ def rotate(x, theta: float, *, earlier: bool = False):
   """Rows of whole blocks [..., S, heads, d]: RoPE at in-block positions 0 .. S - 1, or -S .. -1
   for a block seen as an earlier block's keys."""
   size = x.shape[-3]
-  return layers.apply_rope(x, theta, first=-size if earlier else 0)
+  return layers.apply_rope(x, theta, jnp.arange(size) - (size if earlier else 0))
 
 
 def landmark_attention(q, k, v, *, chunk_size: int, theta: float, scale: float,
