@@ -8,10 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from drt_jax import eval as eval_lib
 from drt_jax.config import ConfigError
+from drt_jax.data import sources
+from drt_jax.data import tokenizer as tokenizer_lib
 from drt_jax.model import architectures, lm
 from drt_jax.model.landmark_attention import landmark_attention
 from tests.helpers import model_config, random_tokens, small_config
+from tests.test_generate import save_initial_checkpoint
 from tests.landmark_reference import landmark_attention_dense
 
 SIZE, THETA = 5, 10000.0  # S = chunk_len + 1 rows per block
@@ -64,17 +68,6 @@ def _model(**overrides):
   return config, model, params
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_model_is_causal(train):
-  _, model, params = _model(topk=2)
-  tokens = random_tokens(4, 1, 42)
-  t = 17
-  changed = tokens.at[:, t].set((tokens[:, t] + 1) % 257)
-  before, after = (model.apply({"params": params}, x, train=train) for x in (tokens, changed))
-  np.testing.assert_array_equal(before[:, :t], after[:, :t])
-  assert np.abs(before[:, t:] - after[:, t:]).max() > 1e-4
-
-
 def test_model_trains_every_parameter():
   _, model, params = _model()
   tokens = random_tokens(5, 2, 42)
@@ -102,13 +95,12 @@ def _decoded(config, params, tokens, prompt_len, *, segment_len):
   return jnp.concatenate(pieces, axis=1)
 
 
-@pytest.mark.parametrize("prompt_len,selection", [  # 1, c - 1, c, c + 1, 3c + 5
-    (1, "per_head"), (6, "per_head"), (7, "per_head"), (8, "shared"), (26, "per_head")])
-def test_decoding_equals_one_shot_retrieval_forward(prompt_len, selection):
-  config, model, params = _model(topk=2, landmark_selection=selection)
+def test_decoding_equals_one_shot_forward_with_heads_sharing_their_blocks():
+  # Per-head selection, causality and every prompt length: tests/test_architectures.py.
+  config, model, params = _model(topk=2, landmark_selection="shared")
   tokens = random_tokens(6, 2, 42)
   want = model.apply({"params": params}, tokens, train=False)
-  got = _decoded(config, params, tokens, prompt_len, segment_len=14)  # segments of 2 blocks
+  got = _decoded(config, params, tokens, 26, segment_len=14)  # segments of 2 blocks
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
@@ -155,3 +147,24 @@ def test_training_never_holds_logits_of_the_whole_sequence():
   sizes = [int(np.prod([int(n) for n in dims.split(",")]))
            for dims in re.findall(r"\[(\d+(?:,\d+)*)\]", text)]
   assert max(sizes) < q.shape[2] * rows * rows / 2
+
+
+def test_eval_perplexity_and_passkey_run_end_to_end(tmp_path):
+  """drt_jax.eval on a landmark checkpoint: ppl equals the one-shot loss of the inference rule;
+  passkey decodes answers (an untrained model: any accuracy, no retrieval statistics)."""
+  config = small_config(arch="landmark", topk=2)
+  params = save_initial_checkpoint(config, str(tmp_path))
+  ppl = eval_lib.run(config, str(tmp_path), eval_lib.Settings(
+      task="ppl", lengths=(42,), out=str(tmp_path / "ppl.json"), windows=2, batch=2),
+      progress=False)["results"][0]
+  stream = sources.load_corpus(config.data, tokenizer_lib.make_tokenizer("byte")).eval.array()
+  tokens = jnp.asarray(np.stack([stream[:42], stream[42:84]]), jnp.int32)
+  model = lm.make_model(model_config(config))
+  total, count = lm.loss_terms(model, jax.device_get(params), tokens, train=False,
+                               rng=jax.random.key(0))
+  np.testing.assert_allclose(ppl["nll"], float(total / count), rtol=1e-5)
+  passkey = eval_lib.run(config, str(tmp_path), eval_lib.Settings(
+      task="passkey", lengths=(78,), out=str(tmp_path / "passkey.json"), samples=(2,), depths=2,
+      batch=2), progress=False)["results"][0]
+  assert passkey["samples"] == 2 and 0 <= passkey["accuracy"] <= 1
+  assert passkey["needle_retrieved"] is None
