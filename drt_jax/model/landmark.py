@@ -23,7 +23,7 @@ from drt_jax.config import ConfigError, ModelConfig
 from drt_jax.model import layers
 from drt_jax.model.architectures import Architecture
 from drt_jax.model.blocks import DecoderBlock
-from drt_jax.model.drt import drop_landmarks, insert_landmarks, maybe_remat, token_embedding
+from drt_jax.model.drt import LandmarkRows, drop_landmarks, maybe_remat, token_embedding
 from drt_jax.model.landmark_attention import (attend_blocks, grouped_attention, landmark_attention,
                                               own_block_mask, rotate)
 
@@ -114,7 +114,7 @@ class LandmarkSelfAttention(nn.Module):
     return out
 
 
-class LandmarkLM(nn.Module):
+class LandmarkLM(LandmarkRows):
   """tokens int [batch, T] (T a multiple of chunk_len) -> final-normed hidden float32 [batch, T, d].
 
   sum(model.decoder_layers) landmark-attention blocks (the same depth as DRT and the sliding-window
@@ -145,27 +145,15 @@ class LandmarkLM(nn.Module):
     x = self.layers(self.chunk_rows(tokens), None if train else c.topk)
     return drop_landmarks(self.finish(x), c.chunk_size)
 
-  def chunk_rows(self, tokens):
-    """int [b, n * chunk_len] from a block boundary -> [b, n * S, d], a landmark per block."""
-    c = self.config
-    batch, length = tokens.shape
-    x = self.embed(tokens).reshape(batch, length // c.chunk_len, c.chunk_len, c.d_model)
-    return insert_landmarks(x, self.landmark)
-
-  def token_row(self, tokens):
-    """int [b] -> [b, 1, d]."""
-    return self.embed(tokens)[:, None]
-
-  def landmark_row(self, batch: int):
-    """[b, 1, d]: the learned landmark vector."""
-    return jnp.broadcast_to(self.landmark, (batch, 1, self.config.d_model))
-
   def layers(self, x, topk):
+    """Every landmark-attention block over rows [b, rows, d] -> [b, rows, d]; topk as
+    LandmarkSelfAttention's."""
     for block in self.blocks:
       x = block(x, topk)
     return x
 
   def finish(self, x):
+    """The final RMSNorm -> float32."""
     return self.final_norm(x)
 
 
