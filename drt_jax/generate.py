@@ -70,8 +70,8 @@ def load_run(config: ml_collections.ConfigDict, checkpoint: str, allow_change=()
   model_config = config_lib.validate(config)
   for line in run_config.changes_from_run(config, checkpoint, allow_change):
     say(f"config: {line}")
-  _, step = train_lib.find_checkpoint(checkpoint, "--checkpoint")
-  return model_config, restore_params(config, checkpoint, step), step
+  folder, step = train_lib.find_checkpoint(checkpoint, "--checkpoint")
+  return model_config, restore_params(config, folder, step), step
 
 
 def restore_params(config: ml_collections.ConfigDict, checkpoint: str, step: int | None = None):
