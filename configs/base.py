@@ -12,8 +12,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 404  # the reference's --seed
 
   model = config.model = ml_collections.ConfigDict()
-  # "drt" (retrieval), "swa" (sliding-window baseline, no landmarks), "full" (full causal attention
-  # with RoPE; needs use_alibi=False) or "landmark" (Landmark Attention); model/architectures.py
+  # model/architectures.py registers each: "drt" (retrieval), "swa" (sliding-window baseline, no
+  # landmarks), "full" (full causal attention with RoPE; needs use_alibi=False) or "landmark"
+  # (Landmark Attention baseline, Mohtashami & Jaggi 2023: a landmark per chunk_len tokens, grouped
+  # softmax over every earlier block in every one of sum(decoder_layers) layers in training, each
+  # query's top-k blocks at inference; docs/design.md). Landmark uses chunk_len, topk,
+  # decoder_layers, rope_theta and landmark_selection; window, use_alibi, encoder and retrieval
+  # fields are DRT's.
   model.arch = "drt"
   model.vocab_size = 259  # rows of the tied embedding; must cover the tokenizer's vocab
   model.d_model = 768  # D
@@ -34,7 +39,12 @@ def get_config() -> ml_collections.ConfigDict:
   model.softmax_off_by_one = True  # GCA softmax gets +1 in its denominator (the zeroed landmark row)
   model.rms_eps = 1e-5
   model.encoder_rms_eps = 1e-6  # the reference encoder's LlamaConfig default (§8 item 8)
-  model.rope_theta = 10000.0  # RoPE base of the chunk encoder (and of arch "full")
+  # RoPE base: DRT's chunk encoder, every layer of full and landmark attention
+  model.rope_theta = 10000.0
+  # Landmark inference: each query's top-k earlier blocks chosen per head ("per_head", the
+  # original's default) or once for all heads by the largest over heads of the landmark softmax
+  # ("shared", the original's "max over heads").
+  model.landmark_selection = "per_head"
   model.init_std = 0.02
   model.impl = "xla"  # attention/GCA implementation: "xla" or "pallas"
   model.dtype = "bfloat16"  # compute dtype; params stay float32

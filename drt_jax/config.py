@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 ARCHS = ("drt", "swa", "full", "landmark")  # model/architectures.py registers each
+LANDMARK_SELECTIONS = ("per_head", "shared")
 RETRIEVAL_MODES = ("learned", "random")
 RESIDUALS = ("reference", "standard")
 IMPLS = ("xla", "pallas")
@@ -71,6 +72,7 @@ class ModelConfig:
   impl: str
   dtype: str
   remat: bool
+  landmark_selection: str
 
   def __post_init__(self):
     f = lambda name: f"model.{name}"  # noqa: E731
@@ -95,6 +97,7 @@ class ModelConfig:
     _one_of(f("residual"), self.residual, RESIDUALS)
     _one_of(f("impl"), self.impl, IMPLS)
     _one_of(f("dtype"), self.dtype, DTYPES)
+    _one_of(f("landmark_selection"), self.landmark_selection, LANDMARK_SELECTIONS)
     for name in ("rms_eps", "encoder_rms_eps", "rope_theta", "init_std"):
       value = getattr(self, name)
       _require(isinstance(value, (int, float)) and value > 0, f(name), value, "must be > 0")
@@ -184,15 +187,20 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
   """
   d, f, h = model.d_model, model.mlp_dim, model.head_dim * model.num_heads
   kv = model.head_dim * model.num_kv_heads
-  if model.arch != "drt":
+  if model.arch in ("swa", "full"):
     positions_per_token = 1.0
+    layers, upper = sum(model.decoder_layers), 0
+  elif model.arch == "landmark":
+    positions_per_token = model.chunk_size / model.chunk_len
     layers, upper = sum(model.decoder_layers), 0
   else:
     positions_per_token = model.chunk_size / model.chunk_len
     layers, upper = model.decoder_layers[0], sum(model.decoder_layers[1:])
   length = seq_len * positions_per_token
-  # Full causal attention: a query sees (T + 1) / 2 keys on average.
-  visible = (length + 1) / 2 if model.arch == "full" else min(model.window + 1, length)
+  # Full causal attention (and landmark attention's causal, unwindowed grouped softmax): a query
+  # sees (T + 1) / 2 keys on average.
+  visible = ((length + 1) / 2 if model.arch in ("full", "landmark") else
+             min(model.window + 1, length))
   block = 2 * d * (h + 2 * kv) + 2 * h * d + 3 * 2 * d * f + 2 * 2 * visible * h
   forward = (layers + upper) * block
   if model.arch == "drt":

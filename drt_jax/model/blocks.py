@@ -21,9 +21,11 @@ class DecoderBlock(nn.Module):
   attention: Callable[..., nn.Module] = SelfAttention
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *attention_args):
+    # attention_args go on to the attention layer, e.g. landmark attention's top-k.
     c = self.config
-    x = x + self.attention(c, name="attn")(layers.RMSNorm(c.rms_eps, name="attn_norm")(x))
+    x = x + self.attention(c, name="attn")(layers.RMSNorm(c.rms_eps, name="attn_norm")(x),
+                                           *attention_args)
     x = x + layers.SwiGLU(c, name="mlp")(layers.RMSNorm(c.rms_eps, name="mlp_norm")(x))
     return nn.with_logical_constraint(x, ACTIVATION_AXES)
 

@@ -34,9 +34,13 @@ def drop_landmarks(x, chunk_size: int):
   return x.reshape(batch, -1, chunk_size, d_model)[:, :, :-1].reshape(batch, -1, d_model)
 
 
-def maybe_remat(config: ModelConfig, module_class, mode: str = "train"):
-  """The block class, rematerialised in the backward pass when model.remat (training only)."""
-  return nn.remat(module_class) if config.remat and mode == "train" else module_class
+def maybe_remat(config: ModelConfig, module_class, mode: str = "train",
+                static_argnums: tuple[int, ...] = ()):
+  """The block class, rematerialised in the backward pass when model.remat (training only);
+  static_argnums as nn.remat's (self is 0)."""
+  if config.remat and mode == "train":
+    return nn.remat(module_class, static_argnums=static_argnums)
+  return module_class
 
 
 def _check_sequence(config: ModelConfig, length: int):
@@ -45,7 +49,28 @@ def _check_sequence(config: ModelConfig, length: int):
                      f"model.chunk_len={config.chunk_len}")
 
 
-class DRT(nn.Module):
+class LandmarkRows(nn.Module):
+  """The input stage methods of the models whose stream has a learned landmark row after every
+  chunk_len tokens: DRT and Landmark Attention (model/landmark.py). Subclasses hold `config`
+  and, from setup, `embed` (token_embedding) and `landmark` (a [d] param)."""
+
+  def chunk_rows(self, tokens):
+    """int [b, n * chunk_len] from a chunk boundary -> [b, n * S, d], a landmark per chunk."""
+    c = self.config
+    batch, length = tokens.shape
+    x = self.embed(tokens).reshape(batch, length // c.chunk_len, c.chunk_len, c.d_model)
+    return insert_landmarks(x, self.landmark)
+
+  def token_row(self, tokens):
+    """int [b] -> [b, 1, d]."""
+    return self.embed(tokens)[:, None]
+
+  def landmark_row(self, batch: int):
+    """[b, 1, d]: the learned landmark vector."""
+    return jnp.broadcast_to(self.landmark, (batch, 1, self.config.d_model))
+
+
+class DRT(LandmarkRows):
   """tokens int [batch, T] (T a multiple of chunk_len) -> final-normed hidden float32 [batch, T, d].
 
   The landmark rows are inserted after every chunk_len tokens and removed again at the end, so
@@ -93,21 +118,6 @@ class DRT(nn.Module):
   def by_chunk(self, x):
     """Rows of whole chunks [b, n * S, d] -> [b, n, S, d] (the landmark row last)."""
     return x.reshape(x.shape[0], -1, self.config.chunk_size, x.shape[-1])
-
-  def chunk_rows(self, tokens):
-    """int [b, n * chunk_len] from a chunk boundary -> [b, n * S, d], a landmark per chunk."""
-    c = self.config
-    batch, length = tokens.shape
-    x = self.embed(tokens).reshape(batch, length // c.chunk_len, c.chunk_len, c.d_model)
-    return insert_landmarks(x, self.landmark)
-
-  def token_row(self, tokens):
-    """int [b] -> [b, 1, d]."""
-    return self.embed(tokens)[:, None]
-
-  def landmark_row(self, batch: int):
-    """[b, 1, d]: the learned landmark vector."""
-    return jnp.broadcast_to(self.landmark, (batch, 1, self.config.d_model))
 
   def lower_layers(self, x):
     """The lower blocks (§2.3) over rows [b, rows, d] -> [b, rows, d]."""
