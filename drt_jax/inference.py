@@ -186,7 +186,7 @@ class Session:
     raise NotImplementedError
 
 
-# CachedDecoder (swa, full): the CausalLM's stage methods over its KV caches.
+# CachedDecoder (swa, full): the CausalLM itself, in a decoding mode, over its KV caches.
 
 
 def _cached_model(config: ModelConfig, mode: str, max_len: int, history: int = 0) -> CausalLM:
@@ -197,8 +197,7 @@ def _cached_model(config: ModelConfig, mode: str, max_len: int, history: int = 0
 def _cached_step(config: ModelConfig, max_len: int, params, cache, tokens):
   """One token per sequence (int [b]) -> (hidden [b, d], cache)."""
   hidden, variables = _cached_model(config, "step", max_len).apply(
-      {"params": params, "cache": cache}, tokens[:, None],
-      method=lambda m, t: m.finish(m.blocks(m.token_rows(t))), mutable=["cache"])
+      {"params": params, "cache": cache}, tokens[:, None], mutable=["cache"])
   return hidden[:, 0], variables["cache"]
 
 
@@ -207,8 +206,7 @@ def _cached_step(config: ModelConfig, max_len: int, params, cache, tokens):
 def _cached_segment(config: ModelConfig, max_len: int, params, cache, tokens, *, history: int):
   """Tokens int [b, n], every sequence at one position -> (hidden [b, n, d], cache)."""
   hidden, variables = _cached_model(config, "segment", max_len, history).apply(
-      {"params": params, "cache": cache}, tokens,
-      method=lambda m, t: m.finish(m.blocks(m.token_rows(t))), mutable=["cache"])
+      {"params": params, "cache": cache}, tokens, mutable=["cache"])
   return hidden, variables["cache"]
 
 
@@ -253,8 +251,7 @@ class CachedDecoder(Decoder):
   def initial_cache(self, batch: int):
     c = self.config
     shapes = jax.eval_shape(lambda p: _cached_model(c, "step", self.max_len).apply(
-        {"params": p}, jnp.zeros((batch, 1), jnp.int32),
-        method=lambda m, t: m.finish(m.blocks(m.token_rows(t))), mutable=["cache"])[1]["cache"],
+        {"params": p}, jnp.zeros((batch, 1), jnp.int32), mutable=["cache"])[1]["cache"],
         self.params)
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
