@@ -1,13 +1,15 @@
 """The registry of architectures, keyed by `model.arch`: the one interface that training,
 inference, eval, generate and the benchmarks use.
 
-An architecture is a module `drt_jax/model/<file>.py` (ARCH_MODULES) holding
-`ARCHITECTURE = Architecture(...)`, which provides:
+An architecture lives in a module `drt_jax/model/<file>.py` (ARCH_MODULES) whose
+`ARCHITECTURES = {"<arch>": Architecture(...)}` registers it (one module may hold several, e.g.
+baselines.py: swa and full). An Architecture provides:
 
   module(config, **decoding) -> flax.linen.Module
       The training module: `__call__(tokens int [b, T], *, train: bool)` -> final-normed hidden
       float32 [b, T, d]; row t predicts token t + 1 through the tied head (params["embed"]
-      ["embedding"]). It is composed of stage methods (embed, layers, finish, ...), and decoding
+      ["embedding"]). It is composed of stage methods (e.g. DRT's chunk_rows, lower_layers,
+      encode, retrieval_queries, rank, retrieve, upper_layers, finish), and decoding
       applies the SAME module class with keyword attributes (e.g. mode="step") that choose a
       KV-cached self-attention, so each forward is written once and a training checkpoint
       applies unchanged.
@@ -37,7 +39,7 @@ from typing import Any, Callable
 
 from drt_jax.config import ARCHS, ConfigError, ModelConfig
 
-# model.arch -> the module defining its ARCHITECTURE (imported on first use).
+# model.arch -> the module registering it in ARCHITECTURES (imported on first use).
 ARCH_MODULES = {
     "drt": "drt_jax.model.drt",
     "swa": "drt_jax.model.baselines",
