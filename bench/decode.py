@@ -70,7 +70,7 @@ class Bench:
     chunk_len untimed steps done -> (session, hidden [1, d], prefill seconds)."""
     from drt_jax import inference
 
-    decoder = inference.Decoder(self.config, self.params,
+    decoder = inference.DRTDecoder(self.config, self.params,
                                 max_len=context + self.config.chunk_len + steps,
                                 segment_len=self.segment_len, **self.transfers)
     session = decoder.start(1, memory)

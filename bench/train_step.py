@@ -2,6 +2,12 @@
 
   python bench/train_step.py --config configs/drt_pg19.py --baseline configs/swa_pg19.py \
       --set train.global_batch_size=4 --set data.source=pydoc --out FILE.json [--profile_steps 3]
+  python bench/train_step.py --config configs/drt_pg19.py --archs drt,swa,full,landmark \
+      --full_seq_len 8192 --out FILE.json
+
+--archs measures each config as every architecture named (model.arch set, plus what the
+architecture needs: model.use_alibi=False for full, model.impl=xla for landmark); --full_seq_len
+gives full attention its own data.seq_len (its [T, T] attention may not fit at the others' length).
 
 Batches are random token ids (no input pipeline in the timing); each step is timed to completion
 and the median over --steps steps after --warmup steps is reported. With --baseline, every
@@ -19,12 +25,14 @@ import statistics
 import sys
 import time
 
-import jax
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from drt_jax import config as config_lib
-from drt_jax import hardware
-from drt_jax import train_lib
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from drt_jax import config as config_lib  # noqa: E402
+from drt_jax import hardware  # noqa: E402
+from drt_jax import train_lib  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import trace_top_ops  # noqa: E402
@@ -40,6 +48,10 @@ def flops_per_token_6n(model_config, seq_len: int, non_embedding_params: int) ->
   if m.arch == "swa":
     positions, length = 1.0, seq_len
     keys = sum(m.decoder_layers) * min(m.window + 1, length)
+  elif m.arch in ("full", "landmark"):  # causal: (length + 1) / 2 keys per position on average
+    positions = 1.0 if m.arch == "full" else m.chunk_size / m.chunk_len
+    length = seq_len * positions
+    keys = sum(m.decoder_layers) * (length + 1) / 2
   else:
     positions = m.chunk_size / m.chunk_len
     length = seq_len * positions
@@ -49,12 +61,26 @@ def flops_per_token_6n(model_config, seq_len: int, non_embedding_params: int) ->
   return positions * (6.0 * non_embedding_params + 12.0 * keys * width)
 
 
-def measure(path: str, overrides: list[str], steps: int, warmup: int, profile_steps: int = 0,
-            profile_dir: str = "") -> dict:
+# What each --archs entry sets on top of the config.
+ARCH_OVERRIDES = {
+    "drt": ["model.arch=drt"],
+    "swa": ["model.arch=swa"],
+    "full": ["model.arch=full", "model.use_alibi=False"],
+    "landmark": ["model.arch=landmark", "model.impl=xla"],  # plain JAX: it has no Pallas kernel
+}
+
+
+def load(path: str, overrides: list[str]):
+  """The config file with overrides applied, and its validated model config."""
   config = config_lib.load_config_file(path)
   for assignment in overrides:
     config_lib.apply_override(config, assignment)
-  model_config = config_lib.validate(config)
+  return config, config_lib.validate(config)
+
+
+def measure(path: str, overrides: list[str], steps: int, warmup: int, profile_steps: int = 0,
+            profile_dir: str = "") -> dict:
+  config, model_config = load(path, overrides)
   trainer = train_lib.Trainer(config, model_config, train_lib.make_mesh(config.mesh))
   state = trainer.init_state(config.seed)
   rng = np.random.default_rng(0)
@@ -75,7 +101,7 @@ def measure(path: str, overrides: list[str], steps: int, warmup: int, profile_st
   step_s = statistics.median(times)
   profile = None
   if profile_steps:
-    name = os.path.splitext(os.path.basename(path))[0]
+    name = f"{os.path.splitext(os.path.basename(path))[0]}_{model_config.arch}"
     folder = os.path.join(profile_dir, name)
     os.makedirs(folder, exist_ok=True)
     hlo = os.path.join(folder, "step.hlo.txt")
@@ -120,6 +146,10 @@ def main():
   parser.add_argument("--baseline", help="config file every ratio is taken against")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override applied to every config (repeatable)")
+  parser.add_argument("--archs", default="", help="comma-separated architectures to measure "
+                      "each config as (" + ", ".join(ARCH_OVERRIDES) + "); default: as configured")
+  parser.add_argument("--full_seq_len", type=int, default=0,
+                      help="data.seq_len of the full-attention measurement (0: the config's)")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--profile_steps", type=int, default=0,
@@ -129,10 +159,24 @@ def main():
   parser.add_argument("--out", required=True, help="JSON file for the results")
   args = parser.parse_args()
 
-  paths = args.config + ([args.baseline] if args.baseline else [])
-  profile_dir = args.profile_dir or os.path.dirname(os.path.abspath(args.out))
-  results = [measure(path, args.set, args.steps, args.warmup, args.profile_steps, profile_dir)
-             for path in paths]
+  archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+  for arch in archs:
+    if arch not in ARCH_OVERRIDES:
+      parser.error(f"--archs: {arch!r} is not one of {', '.join(ARCH_OVERRIDES)}")
+  variants = [ARCH_OVERRIDES[arch] + ([f"data.seq_len={args.full_seq_len}"]
+                                      if arch == "full" and args.full_seq_len else [])
+              for arch in archs] or [[]]
+  runs = [(path, args.set + extra) for path in args.config for extra in variants]
+  if args.baseline:
+    runs.append((args.baseline, args.set))
+  try:
+    for path, overrides in runs:  # every config checked before anything is compiled
+      load(path, overrides)
+    profile_dir = args.profile_dir or os.path.dirname(os.path.abspath(args.out))
+    results = [measure(path, overrides, args.steps, args.warmup, args.profile_steps, profile_dir)
+               for path, overrides in runs]
+  except config_lib.ConfigError as error:
+    raise SystemExit(f"error: {error}") from None
   if args.baseline:
     base = results[-1]["step_s_median"]
     for result in results:
@@ -140,13 +184,14 @@ def main():
   report = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "results": results}
   with open(args.out, "w") as f:
     json.dump(report, f, indent=2)
-  print(f"{'config':28} {'impl':6} {'batch':>5} {'step ms':>9} {'tokens/s':>11} {'MFU':>6} "
-        f"{'MFU 6N':>6} {'ratio':>6}")
+  print(f"{'config':28} {'arch':8} {'seq_len':>8} {'impl':6} {'batch':>5} {'step ms':>9} "
+        f"{'tokens/s':>11} {'MFU':>6} {'MFU 6N':>6} {'ratio':>6}")
   for r in results:
     mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
     mfu_6n = "-" if r["mfu_6n"] is None else f"{r['mfu_6n']:.1%}"
     ratio = f"{r.get('step_time_ratio_to_baseline', float('nan')):.2f}"
-    print(f"{os.path.basename(r['config']):28} {r['impl']:6} {r['global_batch_size']:5} "
+    print(f"{os.path.basename(r['config']):28} {r['arch']:8} {r['seq_len']:8} {r['impl']:6} "
+          f"{r['global_batch_size']:5} "
           f"{r['step_s_median'] * 1e3:9.1f} {r['tokens_per_s']:11.0f} {mfu:>6} {mfu_6n:>6} "
           f"{ratio:>6}")
 

@@ -12,7 +12,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 404  # the reference's --seed
 
   model = config.model = ml_collections.ConfigDict()
-  model.arch = "drt"  # "drt" (retrieval) or "swa" (sliding-window baseline, no landmarks)
+  # model/architectures.py registers each: "drt" (retrieval), "swa" (sliding-window baseline, no
+  # landmarks), "full" (full causal attention with RoPE; needs use_alibi=False) or "landmark"
+  # (Landmark Attention baseline, Mohtashami & Jaggi 2023: a landmark per chunk_len tokens, grouped
+  # softmax over every earlier block in every one of sum(decoder_layers) layers in training, each
+  # query's top-k blocks at inference; docs/design.md). Landmark uses chunk_len, topk,
+  # decoder_layers, rope_theta and landmark_selection; window, use_alibi, encoder and retrieval
+  # fields are DRT's.
+  model.arch = "drt"
   # Rows of the tied embedding; must cover the tokenizer's vocabulary. 0 = exactly the vocabulary
   # size of data.tokenizer (read from its file). 259: the byte tokenizer's 257 and two spare rows.
   model.vocab_size = 259
@@ -23,16 +30,23 @@ def get_config() -> ml_collections.ConfigDict:
   model.decoder_layers = (6, 6)  # [lower, upper layers of group 1, ...]; G = len - 1
   model.encoder_layers = 2  # bidirectional chunk-encoder depth
   model.chunk_len = 63  # c: real tokens per chunk; each chunk gets one landmark (S = c + 1)
-  model.window = 512  # W: query i attends keys [i - W, i] in the landmark-inserted stream
+  model.window = 512  # W: query i attends keys [i - W, i] in the landmark-inserted stream (not full)
   model.use_alibi = True  # ALiBi in decoder self-attention, slopes 2^(-8(h+1)/H)
   model.topk = 8  # K: retrieved chunks per chunk
   model.gumbel = True  # Gumbel top-k sampling in training (never in eval)
-  model.retrieval = "learned"  # "learned" (landmark scores) or "random" (uniform past chunks)
+  # "learned" (landmark scores) or "random" (uniform past chunks; outside training a fixed draw per
+  # group, chunk and candidate: docs/design.md)
+  model.retrieval = "learned"
   model.residual = "reference"  # "reference": GCA only feeds the MLP input; "standard": x + GCA
   model.softmax_off_by_one = True  # GCA softmax gets +1 in its denominator (the zeroed landmark row)
   model.rms_eps = 1e-5
   model.encoder_rms_eps = 1e-6  # the reference encoder's library default (§8 item 8)
-  model.rope_theta = 10000.0  # encoder RoPE base
+  # RoPE base: DRT's chunk encoder, every layer of full and landmark attention
+  model.rope_theta = 10000.0
+  # Landmark inference: each query's top-k earlier blocks chosen per head ("per_head", the
+  # original's default) or once for all heads by the largest over heads of the landmark softmax
+  # ("shared", the original's "max over heads").
+  model.landmark_selection = "per_head"
   model.init_std = 0.02
   model.impl = "xla"  # attention/GCA implementation: "xla" or "pallas"
   model.dtype = "bfloat16"  # compute dtype; params stay float32

@@ -11,7 +11,8 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-ARCHS = ("drt", "swa")
+ARCHS = ("drt", "swa", "full", "landmark")  # model/architectures.py registers each
+LANDMARK_SELECTIONS = ("per_head", "shared")
 RETRIEVAL_MODES = ("learned", "random")
 RESIDUALS = ("reference", "standard")
 IMPLS = ("xla", "pallas")
@@ -73,6 +74,7 @@ class ModelConfig:
   impl: str
   dtype: str
   remat: bool
+  landmark_selection: str
 
   def __post_init__(self):
     f = lambda name: f"model.{name}"  # noqa: E731
@@ -90,9 +92,6 @@ class ModelConfig:
     layers = self.decoder_layers
     _require(isinstance(layers, tuple) and all(isinstance(n, int) and n >= 0 for n in layers),
              f("decoder_layers"), layers, "must be a tuple of integers >= 0")
-    if self.arch == "drt":
-      _require(len(layers) >= 2 and all(n >= 1 for n in layers[1:]), f("decoder_layers"), layers,
-               "must be (lower, group_1, ...) with at least one group of >= 1 upper layers")
     _require(sum(layers) >= 1, f("decoder_layers"), layers, "must have at least one layer")
     for name in ("use_alibi", "gumbel", "softmax_off_by_one", "remat"):
       _boolean(f(name), getattr(self, name))
@@ -100,13 +99,10 @@ class ModelConfig:
     _one_of(f("residual"), self.residual, RESIDUALS)
     _one_of(f("impl"), self.impl, IMPLS)
     _one_of(f("dtype"), self.dtype, DTYPES)
+    _one_of(f("landmark_selection"), self.landmark_selection, LANDMARK_SELECTIONS)
     for name in ("rms_eps", "encoder_rms_eps", "rope_theta", "init_std"):
       value = getattr(self, name)
       _require(isinstance(value, (int, float)) and value > 0, f(name), value, "must be > 0")
-    if self.impl == "pallas" and self.arch == "drt":
-      _require(self.chunk_size in PALLAS_CHUNK_SIZES, f("chunk_len"), self.chunk_len,
-               "with model.impl='pallas', chunk_len + 1 must be one of "
-               + ", ".join(map(str, PALLAS_CHUNK_SIZES)))
 
   @property
   def head_dim(self) -> int:
@@ -193,13 +189,18 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   if config.model.vocab_size == 0:
     config.model.vocab_size = _tokenizer_vocab_size(config.data.tokenizer)
   _check_finite(config.to_dict())
+  from drt_jax.model import architectures  # it imports this module
+
   model = ModelConfig.from_config(config.model)
+  architecture = architectures.get(model.arch)
+  architecture.validate(model)
   seq_len = config.data.seq_len
   _positive_int("data.seq_len", seq_len)
-  if model.arch == "drt":
-    _require(seq_len % model.chunk_len == 0, "data.seq_len", seq_len,
-             f"must be a multiple of model.chunk_len={model.chunk_len} "
-             f"(e.g. {max(1, seq_len // model.chunk_len) * model.chunk_len})")
+  if architecture.sequence_multiple:  # a model field, e.g. "chunk_len"
+    multiple = getattr(model, architecture.sequence_multiple)
+    _require(seq_len % multiple == 0, "data.seq_len", seq_len,
+             f"must be a multiple of model.{architecture.sequence_multiple}={multiple} "
+             f"(e.g. {max(1, seq_len // multiple) * multiple})")
   _validate_train(config.train, seq_len)
   _validate_mesh(config.mesh)
   return model
@@ -224,14 +225,20 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
   """
   d, f, h = model.d_model, model.mlp_dim, model.head_dim * model.num_heads
   kv = model.head_dim * model.num_kv_heads
-  if model.arch == "swa":
+  if model.arch in ("swa", "full"):
     positions_per_token = 1.0
+    layers, upper = sum(model.decoder_layers), 0
+  elif model.arch == "landmark":
+    positions_per_token = model.chunk_size / model.chunk_len
     layers, upper = sum(model.decoder_layers), 0
   else:
     positions_per_token = model.chunk_size / model.chunk_len
     layers, upper = model.decoder_layers[0], sum(model.decoder_layers[1:])
   length = seq_len * positions_per_token
-  visible = min(model.window + 1, length)
+  # Full causal attention (and landmark attention's causal, unwindowed grouped softmax): a query
+  # sees (T + 1) / 2 keys on average.
+  visible = ((length + 1) / 2 if model.arch in ("full", "landmark") else
+             min(model.window + 1, length))
   block = 2 * d * (h + 2 * kv) + 2 * h * d + 3 * 2 * d * f + 2 * 2 * visible * h
   forward = (layers + upper) * block
   if model.arch == "drt":

@@ -1,5 +1,8 @@
-"""`python -m drt_jax.eval --task ppl|passkey|multikey|multihop --config configs/<name>.py
---checkpoint RUN_DIR --lengths 4032,16128 --out results.json`
+"""`python -m drt_jax.eval --task ppl|passkey|multikey|multihop --checkpoint RUN_DIR
+--lengths 4032,16128 --out results.json [--config.field=value]`
+
+The config is the run's own (run_config.py; `--config` starts from a file instead). Every
+architecture is evaluated through its decoder (model/architectures.py).
 
 ppl: perplexity over windows of each length from the held-out stream, non-overlapping, or every
 --stride tokens scoring only each window's last stride tokens (REFERENCE_DRT.md §7.1), or with
@@ -9,7 +12,9 @@ context before those tokens and a perplexity-against-length curve compares like 
 passkey, multikey, multihop: data/tasks.py samples in held-out text over a grid of lengths x needle
 depths; the model greedily decodes the answer, which must match exactly, every token (§7.2-7.4).
 Each length also reports how often the retrieval serving the answer held the needle's chunks
-(needle_retrieved): misses then read as the retriever's or the reader's.
+(needle_retrieved): misses then read as the retriever's or the reader's; null for architectures
+that retrieve no chunks. The results JSON records the whole config, the checkpoint step and the
+code's commit; a value that is not finite (a diverged model's perplexity) is written as null.
 
 Writes --out (JSON) and its plots beside it: <out>_heatmap.png (accuracy by depth and length) and
 <out>_accuracy.png (accuracy against length), or <out>_perplexity.png. Every input is checked
@@ -20,6 +25,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 
 import jax
@@ -31,12 +37,13 @@ from absl import app, flags
 from drt_jax import cli
 from drt_jax import config as config_lib
 from drt_jax import generate as generate_lib
-from drt_jax import inference
+from drt_jax import run_config
 from drt_jax.data import DataError
 from drt_jax.data import pipeline
 from drt_jax.data import sources
 from drt_jax.data import tasks as tasks_lib
 from drt_jax.data import tokenizer as tokenizer_lib
+from drt_jax.model import architectures
 from drt_jax.model.head import cross_entropy_sum
 
 TASKS = ("ppl",) + tasks_lib.TASKS
@@ -115,6 +122,9 @@ def check(settings: Settings, config: ml_collections.ConfigDict, stream_len: int
   if s.scored and s.scored >= min(s.lengths):
     raise EvalError(f"--scored={s.scored}: must be shorter than every length (the first token "
                     "of a window predicts nothing)")
+  if os.path.isdir(s.out):
+    raise EvalError(f"--out={s.out!r}: is a folder; name the results JSON file, e.g. "
+                    f"{os.path.join(s.out, 'results.json')}")
   if not os.path.isdir(os.path.dirname(os.path.abspath(s.out))):
     raise EvalError(f"--out={s.out!r}: its folder does not exist")
   max_len = s.max_len or max(s.lengths)
@@ -141,6 +151,7 @@ def evaluate_retrieval(decoder, builder, settings: Settings, stream, progress=Tr
   s = settings
   depths = np.linspace(0.0, 1.0, s.depths)
   answer_len = builder.answer_len(s.task)
+  groups = decoder.retrieval_groups  # 0: no needle_retrieved
 
   def sample(length, i, depth):
     rng = np.random.default_rng([s.seed, length, i])
@@ -160,21 +171,22 @@ def evaluate_retrieval(decoder, builder, settings: Settings, stream, progress=Tr
         answers, session = generate_lib.continue_prompts(
             decoder, [x.prompt for x in batch], answer_len, chunk_memory=s.chunk_memory)
         hits += [tasks_lib.exact_match(x, a) for x, a in zip(batch, answers)]
-        retrieved = [session.retrieved(g) for g in range(decoder.config.num_groups)]
-        found += [needle_retrieved(x, [rows[i] for rows in retrieved], decoder.config.chunk_len)
-                  for i, x in enumerate(batch)]
-        bar.set_postfix(accuracy=f"{np.mean(hits):.3f}", retrieved=f"{np.mean(found):.3f}",
-                        refresh=False)
+        if groups:
+          retrieved = [session.retrieved(g) for g in range(groups)]
+          found += [needle_retrieved(x, [rows[i] for rows in retrieved], decoder.config.chunk_len)
+                    for i, x in enumerate(batch)]
+        bar.set_postfix(accuracy=f"{np.mean(hits):.3f}", refresh=False)
         bar.update(len(batch))
     hits = np.asarray(hits).reshape(len(depths), per_depth)
-    found = np.asarray(found).reshape(len(depths), per_depth)
-    results.append({"length": length, "accuracy": float(hits.mean()), "samples": hits.size,
-                    "by_depth": {f"{d:g}": float(h.mean()) for d, h in zip(depths, hits)},
-                    "needle_retrieved": float(found.mean()),
-                    "retrieved_by_depth": {f"{d:g}": float(f.mean())
-                                           for d, f in zip(depths, found)},
-                    "missed_though_retrieved": int((found & ~hits).sum()),
-                    "wall_s": time.perf_counter() - start})
+    row = {"length": length, "accuracy": float(hits.mean()), "samples": hits.size,
+           "by_depth": {f"{d:g}": float(h.mean()) for d, h in zip(depths, hits)},
+           "needle_retrieved": None, "retrieved_by_depth": None, "missed_though_retrieved": None}
+    if groups:
+      found = np.asarray(found).reshape(len(depths), per_depth)
+      row.update(needle_retrieved=float(found.mean()),
+                 retrieved_by_depth={f"{d:g}": float(f.mean()) for d, f in zip(depths, found)},
+                 missed_though_retrieved=int((found & ~hits).sum()))
+    results.append(row | {"wall_s": time.perf_counter() - start})
   return results
 
 
@@ -291,8 +303,9 @@ def plot(results: dict, out: str) -> dict:
     figures[base + "_heatmap.png"] = fig
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(lengths, [r["accuracy"] for r in rows], marker="o", label="answer exact match")
-    ax.plot(lengths, [r["needle_retrieved"] for r in rows], marker="x", linestyle="--",
-            label="needle's chunks retrieved")
+    if rows[0]["needle_retrieved"] is not None:
+      ax.plot(lengths, [r["needle_retrieved"] for r in rows], marker="x", linestyle="--",
+              label="needle's chunks retrieved")
     ax.legend(loc="lower left")
     plotting.length_axis(ax, lengths, results["train_len"])
     ax.set(ylim=(-0.02, 1.02), xlabel="context length (tokens; multiple of the training length)",
@@ -317,7 +330,7 @@ def write(results: dict, out: str) -> list[str]:
       plt.close(fig)
     pending[out] = out + ".tmp"
     with open(pending[out], "w") as f:
-      json.dump(results, f, indent=2)
+      json.dump(run_config.json_safe(results), f, indent=2, allow_nan=False)
     for final, temporary in pending.items():
       os.replace(temporary, final)
   finally:
@@ -328,9 +341,11 @@ def write(results: dict, out: str) -> list[str]:
 
 
 def run(config: ml_collections.ConfigDict, checkpoint: str, settings: Settings,
-        progress: bool = True) -> dict:
-  """Checks everything, evaluates, writes the files; returns the results."""
+        progress: bool = True, allow_change=()) -> dict:
+  """Checks everything, evaluates, writes the files; returns the results. config is checked
+  against the run's config.json first (run_config.changes_from_run; changes printed)."""
   model_config = config_lib.validate(config)
+  architectures.check_chunk_memory(model_config, settings.chunk_memory)
   pipeline.validate_data_config(config.data)
   tokenizer = tokenizer_lib.make_tokenizer(config.data.tokenizer)
   stream = sources.load_corpus(config.data, tokenizer).eval.array()
@@ -338,18 +353,20 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, settings: Settings,
   if settings.task != "ppl":
     builder = tasks_lib.TaskBuilder(tokenizer, model_config.chunk_len, digits=settings.digits)
   check(settings, config, len(stream), builder)
-  params = generate_lib.restore_params(config, checkpoint)
-  decoder = inference.Decoder(model_config, params,
-                              max_len=settings.max_len or max(settings.lengths),
-                              segment_len=settings.segment_len or config.data.seq_len)
+  model_config, params, step = generate_lib.load_run(config, checkpoint, allow_change)
+  decoder = architectures.make_decoder(model_config, params,
+                                       max_len=settings.max_len or max(settings.lengths),
+                                       segment_len=settings.segment_len or config.data.seq_len)
   start = time.perf_counter()
   if settings.task == "ppl":
     rows = evaluate_perplexity(decoder, settings, stream, progress)
   else:
     rows = evaluate_retrieval(decoder, builder, settings, stream, progress)
   results = {"task": settings.task, "checkpoint": os.path.abspath(checkpoint),
-             "train_len": config.data.seq_len, "chunk_len": model_config.chunk_len,
-             "settings": dataclasses.asdict(settings), "wall_s": time.perf_counter() - start,
+             "checkpoint_step": step, "commit": run_config.code_commit(),
+             "arch": model_config.arch, "train_len": config.data.seq_len,
+             "chunk_len": model_config.chunk_len, "settings": dataclasses.asdict(settings),
+             "config": run_config.as_json(config), "wall_s": time.perf_counter() - start,
              "device": jax.devices()[0].device_kind, "results": rows}
   write(results, settings.out)
   return results
@@ -365,17 +382,20 @@ def main(argv):
         depths=f.depths, digits=f.digits, windows=f.windows, stride=f.stride, scored=f.scored,
         batch=f.batch,
         max_len=f.max_len, segment_len=f.segment_len, chunk_memory=f.chunk_memory, seed=f.seed)
-    results = run(f.config, f.checkpoint, settings)
-  except (config_lib.ConfigError, DataError, EvalError, inference.InputError,
-          generate_lib.CheckpointError) as error:
+    results = run(f.config, f.checkpoint, settings, allow_change=f.allow_change)
+  except generate_lib.ERRORS + (EvalError,) as error:
     raise SystemExit(f"error: {error}") from None
   for row in results["results"]:
-    value = (f"{row['perplexity']:.4f}" if settings.task == "ppl" else
-             f"{row['accuracy']:.4f} (needle retrieved {row['needle_retrieved']:.4f})")
+    if settings.task == "ppl":
+      value = f"{row['perplexity']:.4f}"
+    elif row["needle_retrieved"] is None:
+      value = f"{row['accuracy']:.4f}"
+    else:
+      value = f"{row['accuracy']:.4f} (needle retrieved {row['needle_retrieved']:.4f})"
     print(f"{settings.task} length {row['length']:>9}: {value} ({row['wall_s']:.1f} s)")
 
 
 if __name__ == "__main__":
   _define_flags()
-  flags.mark_flags_as_required(["config", "checkpoint", "task", "lengths", "out"])
-  app.run(main)
+  flags.mark_flags_as_required(["checkpoint", "task", "lengths", "out"])
+  app.run(main, argv=run_config.with_run_config(sys.argv))

@@ -1,8 +1,10 @@
-"""`python -m drt_jax.generate --config configs/<name>.py --checkpoint RUN_DIR --prompt TEXT ...`
+"""`python -m drt_jax.generate --checkpoint RUN_DIR --prompt TEXT ... [--config.field=value]`
 
-Continues prompts of any length with a trained DRT: prefill, then token-by-token decoding with
-greedy, temperature or top-k sampling (drt_jax/inference.py holds the state). Also home of
-restore_params, which eval.py shares (train_lib reads the checkpoint).
+Continues prompts of any length with a trained model of any architecture: prefill, then
+token-by-token decoding with greedy, temperature or top-k sampling (drt_jax/inference.py holds
+the state). The config is the run's own (run_config.py: RUN_DIR/config.json, overrides on top,
+every change printed); `--config configs/<name>.py` starts from a file instead. Also home of the
+flags and the restore that eval.py shares (train_lib reads the checkpoint).
 """
 
 import functools
@@ -20,18 +22,29 @@ from ml_collections import config_flags
 from drt_jax import cli
 from drt_jax import config as config_lib
 from drt_jax import inference
+from drt_jax import run_config
 from drt_jax import train_lib
 from drt_jax.train_lib import CheckpointError
 from drt_jax.data import DataError
 from drt_jax.data import tokenizer as tokenizer_lib
+from drt_jax.model import architectures
 from drt_jax.model import lm
+
+# The errors every inference program reports as one line.
+ERRORS = (config_lib.ConfigError, DataError, inference.InputError, CheckpointError,
+          run_config.RunConfigError)
 
 
 def define_session_flags(max_len_help: str):
   """Flags every inference program shares: config, checkpoint and the decoding session's sizes."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  config_flags.DEFINE_config_file(
+      "config", None, "Config: default the run's own (RUN_DIR/config.json); a configs/*.py file "
+      "or a saved config.json. --config.section.field=value overrides it.", lock_config=True)
   flags.DEFINE_string("checkpoint", None, "Run folder (train.py --workdir) or its checkpoints/ "
                       "folder (the latest step is used), or one step's folder in it.")
+  flags.DEFINE_list("allow_change", [], "Model fields that may differ from what the run was "
+                    "trained with, e.g. model.topk (run_config.py; model.impl, dtype, remat and "
+                    "gumbel may always).")
   flags.DEFINE_integer("max_len", None, max_len_help)
   flags.DEFINE_integer("segment_len", None, "Tokens per prefill segment (default: data.seq_len, "
                        "the training length).")
@@ -48,6 +61,17 @@ def _define_flags():
   flags.DEFINE_float("temperature", 0.0, "0 = greedy; else sample softmax(logits / T).")
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def load_run(config: ml_collections.ConfigDict, checkpoint: str, allow_change=(), say=print):
+  """The validated model config, params and step of a run, after checking config against the
+  run's config.json (every changed field said, run_config.changes_from_run)."""
+  allow_change = run_config.check_allow_change(allow_change)
+  model_config = config_lib.validate(config)
+  for line in run_config.changes_from_run(config, checkpoint, allow_change):
+    say(f"config: {line}")
+  folder, step = train_lib.find_checkpoint(checkpoint, "--checkpoint")
+  return model_config, restore_params(config, folder, step), step
 
 
 def restore_params(config: ml_collections.ConfigDict, checkpoint: str, step: int | None = None):
@@ -76,13 +100,16 @@ def sample(logits, rng, *, temperature: float, top_k: int):
   return jax.random.categorical(rng, logits / temperature).astype(jnp.int32)
 
 
-def check_sampling(max_new_tokens, temperature, top_k):
+def check_sampling(max_new_tokens, temperature, top_k, vocab_size: int | None = None):
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise inference.InputError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
-  if not temperature >= 0:
-    raise inference.InputError(f"temperature={temperature!r}: must be >= 0")
+  if not temperature >= 0 or temperature == float("inf"):
+    raise inference.InputError(f"temperature={temperature!r}: must be a finite number >= 0")
   if not isinstance(top_k, int) or top_k < 0:
     raise inference.InputError(f"top_k={top_k!r}: must be an integer >= 0")
+  if vocab_size is not None and top_k > vocab_size:
+    raise inference.InputError(f"top_k={top_k}: must be at most model.vocab_size={vocab_size} "
+                               "(0 = all tokens)")
 
 
 def start(decoder: inference.Decoder, prompts: Sequence[np.ndarray], chunk_memory: str):
@@ -96,7 +123,7 @@ def start(decoder: inference.Decoder, prompts: Sequence[np.ndarray], chunk_memor
     return session, session.prefill(np.stack(prompts))
   sessions = [decoder.start(1, chunk_memory) for _ in prompts]
   last = [s.prefill(p[None]) for s, p in zip(sessions, prompts)]
-  return inference.Session.concatenate(sessions), jnp.concatenate(last)
+  return decoder.concatenate(sessions), jnp.concatenate(last)
 
 
 def generate(decoder: inference.Decoder, prompts: Sequence, max_new_tokens: int, *,
@@ -115,7 +142,7 @@ def continue_prompts(decoder: inference.Decoder, prompts: Sequence, max_new_toke
   prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
   if not prompts:
     raise inference.InputError("no prompts")
-  check_sampling(max_new_tokens, temperature, top_k)
+  check_sampling(max_new_tokens, temperature, top_k, decoder.config.vocab_size)
   for i, prompt in enumerate(prompts):
     if len(prompt) == 0:
       raise inference.InputError(f"prompt {i} is empty")
@@ -139,19 +166,21 @@ def main(argv):
   cli.start(argv)
   f = flags.FLAGS
   try:
-    check_sampling(f.max_new_tokens, f.temperature, f.top_k)
+    check_sampling(f.max_new_tokens, f.temperature, f.top_k, f.config.model.vocab_size)
     model_config = config_lib.validate(f.config)
+    architectures.check_chunk_memory(model_config, f.chunk_memory)
     tokenizer = tokenizer_lib.make_tokenizer(f.config.data.tokenizer)
     prompts = [tokenizer.encode(text) for text in f.prompt]
     if any(len(p) == 0 for p in prompts):
       raise inference.InputError("--prompt: an empty prompt has nothing to continue")
     longest = max(len(p) for p in prompts) + f.max_new_tokens
-    params = restore_params(f.config, f.checkpoint)
-    decoder = inference.Decoder(model_config, params, max_len=f.max_len or longest,
-                                segment_len=f.segment_len or f.config.data.seq_len)
+    model_config, params, _ = load_run(f.config, f.checkpoint, f.allow_change,
+                                       say=lambda line: print(line, file=sys.stderr))
+    decoder = architectures.make_decoder(model_config, params, max_len=f.max_len or longest,
+                                         segment_len=f.segment_len or f.config.data.seq_len)
     outputs = generate(decoder, prompts, f.max_new_tokens, temperature=f.temperature,
                        top_k=f.top_k, seed=f.seed, chunk_memory=f.chunk_memory)
-  except (config_lib.ConfigError, DataError, inference.InputError, CheckpointError) as error:
+  except ERRORS as error:
     raise SystemExit(f"error: {error}") from None
   for text, output in zip(f.prompt, outputs):
     sys.stdout.write(text + tokenizer.decode(output) + "\n")
@@ -159,5 +188,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  flags.mark_flags_as_required(["config", "checkpoint", "prompt"])
-  app.run(main)
+  flags.mark_flags_as_required(["checkpoint", "prompt"])
+  app.run(main, argv=run_config.with_run_config(sys.argv))

@@ -1,24 +1,37 @@
-"""Incremental DRT inference: inputs of any length, token-by-token decoding, and chunk memory on
-the device or in host memory (REFERENCE_DRT.md §4, with §8 items 2, 4 and 17 fixed).
+"""Incremental inference of every architecture: inputs of any length and token-by-token decoding,
+equal to the one-shot forward (docs/design.md).
 
-A Session holds the state of a batch of sequences:
-  * per self-attention layer, a ring buffer of the last window + 1 keys/values (model/decode.py);
+Decoder and Session are the interface (model/architectures.py builds an architecture's decoder):
+  decoder.start(batch, chunk_memory) -> Session; decoder.logits(hidden [..., d]) -> [..., vocab];
+  decoder.concatenate(sessions) -> one Session; decoder.retrieval_groups.
+  session.feed(tokens [b, n]) -> iterator of (offset, hidden [b, m, d]); session.prefill(tokens)
+  -> [b, d]; session.step(tokens [b]) -> [b, d]; session.lengths (int [b]);
+  session.retrieved(group) (architectures that retrieve).
+Tokens go in as segments of whole model.chunk_len chunks (batch mode over the cached history) from
+a chunk boundary, or one at a time; either way the hidden state of every token equals the one-shot
+forward's. Subclasses provide the segment and the token step.
+
+CachedDecoder (swa, full) applies the model's stage methods over KV caches: a ring of window + 1
+positions per layer for sliding-window attention, a linear cache of max_len for full attention.
+
+DRTDecoder (chunk memory on the device or in host memory; §4 of docs/specification.md). A DRT
+session holds the state of a batch of sequences:
+  * per self-attention layer, a ring buffer of the last window + 1 keys/values
+    (attention.SelfAttention);
   * the lower-layer output of the current chunk's rows, encoded when its landmark arrives;
   * per group, the retrieval serving the current chunk, and its chunks' K/V on the device;
   * a chunk store, on the device or in host memory, with every encoded chunk's K/V and landmark
     key.
-Retrieval at a landmark is the training-time one (lmk_norm, scores / sqrt(d), causal mask, top-k,
-softmax of the chosen scores, no noise), so decoding picks the chunks the one-shot forward picks.
+Retrieval at a landmark is the one-shot forward's outside training (lmk_norm, scores / sqrt(d),
+causal mask, the model's ranking: the scores, or for random retrieval retrieval.inference_noise;
+top-k, softmax of the chosen scores), so decoding picks the chunks the one-shot forward picks.
 The jitted pieces return the landmark queries; the session scores them against the stored
 landmark keys a block of `key_block` chunks at a time (one transfer and one jitted top-k merge
 per block, retrieval.merge_top_k); a prefill segment copies the K/V of the chunks it retrieved,
 `gather_block` chunks at a time, into one device buffer sized for the most a segment can retrieve.
 So with host memory no device array grows with the context.
-
-Tokens go in as segments of whole chunks (batch mode over the cached history; the retrieval
-computed at a segment's last landmark serves the next segment's first chunk) or one at a time (a
-chunk's landmark is processed right after its last token). Either way the hidden state of every
-token equals the one-shot forward's.
+The retrieval computed at a segment's last landmark serves the next segment's first chunk; a
+chunk's landmark is processed right after its last token.
 """
 
 import functools
@@ -30,9 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from drt_jax.config import ConfigError, ModelConfig
+from drt_jax.model import architectures
 from drt_jax.model import retrieval as retrieval_ops
-from drt_jax.model.decode import DecodeDRT, cache_len, init_cache
-from drt_jax.model.drt import drop_landmarks
+from drt_jax.model.baselines import CausalLM
+from drt_jax.model.drt import DRT, drop_landmarks
 from drt_jax.model.head import tied_logits
 from drt_jax.model.retrieval import Retrieval
 
@@ -43,10 +57,212 @@ class InputError(ValueError):
   """Tokens a session cannot take (empty, too long, misaligned); the message names the value."""
 
 
+class Decoder:
+  """A model's compiled inference pieces, shared by the sessions it starts (the interface every
+  architecture's decoder provides; subclasses set session_class).
+
+  Args:
+    config: the model.
+    params: its float32 params (unboxed), as trained.
+    max_len: the most tokens a sequence may hold (prompt + generated); sizes the caches.
+    segment_len: tokens per batch-mode segment when feeding long inputs, a multiple of
+      chunk_len (longer segments: fewer host round trips, more activation memory).
+  """
+  session_class: type = None
+
+  def __init__(self, config: ModelConfig, params, *, max_len: int, segment_len: int):
+    if not isinstance(max_len, int) or max_len < 1:
+      raise ConfigError(f"max_len={max_len!r}: must be a positive integer")
+    c = config.chunk_len
+    if not isinstance(segment_len, int) or segment_len < c or segment_len % c:
+      raise ConfigError(f"segment_len={segment_len!r}: must be a positive multiple of "
+                        f"model.chunk_len={c}")
+    self.config = config
+    self.params = params
+    self.max_len = max_len
+    self.segment_len = segment_len
+
+  @property
+  def retrieval_groups(self) -> int:
+    """How many groups Session.retrieved answers for; 0 when the architecture retrieves nothing."""
+    return architectures.get(self.config.arch).retrieval_groups(self.config)
+
+  def start(self, batch: int, chunk_memory: str = "device") -> "Session":
+    """A session of `batch` empty sequences; chunk_memory ("device" or "host") is where their
+    memory is kept, where the architecture offers the choice."""
+    if chunk_memory not in CHUNK_MEMORIES:
+      raise ConfigError(f"chunk_memory={chunk_memory!r}: must be one of 'device', 'host'")
+    architectures.check_chunk_memory(self.config, chunk_memory, "chunk_memory")
+    return self.session_class(self, batch, chunk_memory)
+
+  def concatenate(self, sessions: Sequence["Session"]) -> "Session":
+    """One session holding the sequences of all `sessions` (started by this decoder, one chunk
+    memory), in order; they may be at different lengths. The sessions given are used up."""
+    return self.session_class.concatenate(sessions)
+
+  def logits(self, hidden):
+    """hidden [..., d] -> float32 [..., vocab] (the tied head)."""
+    return tied_logits(hidden, self.params["embed"]["embedding"], self.config.compute_dtype)
+
+
+class Session:
+  """The inference state of `batch` sequences. Not thread-safe; one decoder, many sessions.
+
+  Subclasses implement _segment (whole chunks, every sequence at one chunk boundary) and _step
+  (one token per sequence); both advance `lengths`.
+  """
+
+  def __init__(self, decoder: Decoder, batch: int, chunk_memory: str):
+    self.decoder = decoder
+    self.batch = batch
+    self.chunk_memory = chunk_memory
+    self.lengths = np.zeros(batch, np.int64)  # tokens fed per sequence, known without a sync
+
+  def retrieved(self, group: int) -> list[np.ndarray]:
+    """Per sequence, int [chunks encoded, K]: the chunk ids each chunk's landmark retrieved in
+    `group` (they serve the chunk after it), -1 in empty slots."""
+    raise InputError(f"model.arch={self.decoder.config.arch!r} retrieves no chunks "
+                     f"(retrieval group {group} asked for)")
+
+  def feed(self, tokens) -> Iterator[tuple[int, jax.Array]]:
+    """Feeds int [batch, n] tokens, every sequence at the same length.
+
+    Returns an iterator of (offset, hidden [batch, m, d]): the final-normed hidden states of
+    tokens offset .. offset + m - 1 of this call (row t predicts token t + 1), piece by piece;
+    nothing is fed beyond what has been iterated. Inputs are checked at the call.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[0] != self.batch:
+      raise InputError(f"tokens of shape {tokens.shape}: expected [batch={self.batch}, length]")
+    if tokens.shape[1] == 0:
+      raise InputError("empty input: at least one token is needed")
+    if len(set(self.lengths.tolist())) != 1:
+      raise InputError(f"sequences hold {sorted(set(self.lengths.tolist()))} tokens: feed needs "
+                       "them all at one length (use step)")
+    self._check_room(tokens.shape[1])
+    return self._pieces(tokens)
+
+  def prefill(self, tokens):
+    """Feeds tokens (see feed); returns the hidden state of the last one, [batch, d]."""
+    for _, hidden in self.feed(tokens):
+      last = hidden[:, -1]
+      # Dropped before the next piece is dispatched: a whole segment's hidden states kept alive
+      # through it raised the peak device memory of long prefills by their size (0.19 GiB).
+      del hidden
+    return last
+
+  def step(self, tokens):
+    """One token per sequence (int [batch]) -> its hidden state [batch, d]."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.shape != (self.batch,):
+      raise InputError(f"tokens of shape {tokens.shape}: expected [batch={self.batch}]")
+    self._check_room(1)
+    return self._step(tokens)
+
+  def _check_room(self, n: int):
+    longest = int(self.lengths.max()) + n
+    if longest > self.decoder.max_len:
+      raise InputError(f"{longest} tokens: longer than max_len={self.decoder.max_len}")
+
+  def _pieces(self, tokens):
+    c = self.decoder.config.chunk_len
+    done, total = 0, tokens.shape[1]
+    while done < total:
+      whole = (total - done) // c * c
+      if self.lengths[0] % c == 0 and whole:
+        size = min(whole, self.decoder.segment_len)
+        hidden = self._segment(tokens[:, done:done + size])
+      else:
+        size = 1
+        hidden = self.step(tokens[:, done])[:, None]
+      yield done, hidden
+      del hidden  # as in prefill: not held while the next piece runs
+      done += size
+
+  def _segment(self, tokens):
+    raise NotImplementedError
+
+  def _step(self, tokens):
+    raise NotImplementedError
+
+
+# CachedDecoder (swa, full): the CausalLM itself, in a decoding mode, over its KV caches.
+
+
+def _cached_model(config: ModelConfig, mode: str, max_len: int, history: int = 0) -> CausalLM:
+  return CausalLM(config, mode, history=history, cache_len=max_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def _cached_step(config: ModelConfig, max_len: int, params, cache, tokens):
+  """One token per sequence (int [b]) -> (hidden [b, d], cache)."""
+  hidden, variables = _cached_model(config, "step", max_len).apply(
+      {"params": params, "cache": cache}, tokens[:, None], mutable=["cache"])
+  return hidden[:, 0], variables["cache"]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("history",),
+                   donate_argnums=3)
+def _cached_segment(config: ModelConfig, max_len: int, params, cache, tokens, *, history: int):
+  """Tokens int [b, n], every sequence at one position -> (hidden [b, n, d], cache)."""
+  hidden, variables = _cached_model(config, "segment", max_len, history).apply(
+      {"params": params, "cache": cache}, tokens, mutable=["cache"])
+  return hidden, variables["cache"]
+
+
+class CachedSession(Session):
+  """swa / full sequences: the model's "cache" collection, one KV cache per layer."""
+
+  def __init__(self, decoder: "CachedDecoder", batch: int, chunk_memory: str):
+    super().__init__(decoder, batch, chunk_memory)
+    self.cache = decoder.initial_cache(batch)
+
+  @classmethod
+  def concatenate(cls, sessions):
+    merged = cls.__new__(cls)
+    Session.__init__(merged, sessions[0].decoder, sum(s.batch for s in sessions),
+                     sessions[0].chunk_memory)
+    merged.lengths = np.concatenate([s.lengths for s in sessions])
+    merged.cache = jax.tree.map(lambda *xs: jnp.concatenate(xs), *(s.cache for s in sessions))
+    return merged
+
+  def _step(self, tokens):
+    d = self.decoder
+    hidden, self.cache = _cached_step(d.config, d.max_len, d.params, self.cache, tokens)
+    self.lengths += 1
+    return hidden
+
+  def _segment(self, tokens):
+    d = self.decoder
+    # Sliding-window attention reads the cached positions the segment's window reaches.
+    history = (0 if d.config.arch == "full" else
+               min(int(self.lengths[0]), d.config.window + 1))
+    hidden, self.cache = _cached_segment(d.config, d.max_len, d.params, self.cache, tokens,
+                                         history=history)
+    self.lengths += tokens.shape[1]
+    return hidden
+
+
+class CachedDecoder(Decoder):
+  """Decoding of the baselines (model/baselines.py): per layer a ring of window + 1 keys/values
+  (swa) or a linear cache of max_len (full). Memory lives on the device."""
+  session_class = CachedSession
+
+  def initial_cache(self, batch: int):
+    c = self.config
+    shapes = jax.eval_shape(lambda p: _cached_model(c, "step", self.max_len).apply(
+        {"params": p}, jnp.zeros((batch, 1), jnp.int32), mutable=["cache"])[1]["cache"],
+        self.params)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+# DRTDecoder: chunk stores, blocked scoring and the segment gather around the DRT's stage methods.
+
+
 @flax.struct.dataclass
 class DecodeState:
   """Device state of b sequences (S rows per chunk, G groups, K = min(topk, capacity))."""
-  cache: Any  # DecodeDRT's "cache" collection: ring buffers and positions per attention layer
+  cache: Any  # the DRT's "cache" collection: ring buffers and positions per attention layer
   position: jax.Array  # int32 [b]: rows of the landmark-inserted stream processed
   chunk_rows: jax.Array  # float32 [b, S, d]: lower-layer output of the current chunk's rows
   active: Retrieval  # [b, G, K]: per group, the retrieval serving the current chunk
@@ -149,20 +365,27 @@ def _key_slice(keys, first, *, size: int):
   return jax.lax.dynamic_slice_in_dim(keys, first, size, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames="topk")
-def _score_block(best, queries, query_chunks, keys, first, *, topk: int):
-  """merge_top_k of one block: queries float32 [b, q, d] of chunks query_chunks (int [b, q])
-  against keys float32 [b, n, d] of chunks first .. first + n - 1, each visible to the queries
-  of later chunks."""
+def _drt(config: ModelConfig, mode: str, history: int = 0) -> DRT:
+  return DRT(config, mode, history)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="topk")
+def _score_block(config: ModelConfig, params, best, queries, query_chunks, groups, keys, first, *,
+                 topk: int):
+  """merge_top_k of one block: queries float32 [b, q, d] of chunks query_chunks (int [b, q]) in
+  retrieval groups `groups` (int [q]) against keys float32 [b, n, d] of chunks first ..
+  first + n - 1, each visible to the queries of later chunks; ranked as the model ranks."""
   scores = retrieval_ops.chunk_scores(queries, keys)
-  mask = retrieval_ops.causal_chunk_mask(query_chunks, first + jnp.arange(keys.shape[1]))
-  return retrieval_ops.merge_top_k(best, scores, mask, first, topk)
+  key_chunks = first + jnp.arange(keys.shape[1])
+  mask = retrieval_ops.causal_chunk_mask(query_chunks, key_chunks)
+  ranking = _drt(config, "step").apply({"params": params}, groups, scores, query_chunks,
+                                       key_chunks, train=False, method="rank")
+  return retrieval_ops.merge_top_k(best, scores, mask, first, topk, ranking)
 
 
 @jax.jit
 def _retrieval_of(best) -> Retrieval:
-  ranked, ids = best
-  return retrieval_ops.top_k_retrieval(ranked, ids, ranked)  # no noise: ranked are the scores
+  return retrieval_ops.top_k_retrieval(*best)
 
 
 @jax.jit
@@ -218,8 +441,13 @@ def _put_slots(buffers, piece, start):
                for buffer, part in zip(buffers, _unstack(piece)))
 
 
-# The jitted pieces, module-level with the (hashable) ModelConfig static, so every Decoder of a
+# The jitted pieces, module-level with the (hashable) ModelConfig static, so every decoder of a
 # model shares their compilations. Params are an argument, not a closure constant.
+
+
+def _stacked(keys, k, v):
+  """The encoder's (keys, k, v) with K/V stacked as the chunk stores keep them."""
+  return keys, jnp.stack([k, v], axis=3)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -236,7 +464,7 @@ def _token_step(config: ModelConfig, params, state: DecodeState, tokens):
       x = m.upper_layers(g, x, *_unstack(state.active_kv[:, g]), _active_slots(state.active, g))
     return m.finish(x)[:, 0], chunk_rows
 
-  (hidden, chunk_rows), variables = DecodeDRT(config, "step").apply(
+  (hidden, chunk_rows), variables = _drt(config, "step").apply(
       {"params": params, "cache": state.cache}, method=run, mutable=["cache"])
   return hidden, state.replace(cache=variables["cache"], position=state.position + 1,
                                chunk_rows=chunk_rows)
@@ -257,22 +485,18 @@ def _landmark_step(config: ModelConfig, params, state: DecodeState, closes):
   def run(m):
     x = m.lower_layers(m.landmark_row(batch))
     chunk_rows = state.chunk_rows.at[:, -1].set(x[:, 0])
-    keys, kv = m.encode(chunk_rows[:, None])
+    keys, kv = _stacked(*m.encode(chunk_rows[:, None]))
     queries = []
     for g in range(config.num_groups):
       queries.append(m.retrieval_queries(g, x))
       x = m.upper_layers(g, x, *_unstack(state.active_kv[:, g]), _active_slots(state.active, g))
     return chunk_rows, jnp.concatenate(queries, axis=1), keys, kv
 
-  (chunk_rows, queries, keys, kv), variables = DecodeDRT(config, "step").apply(
+  (chunk_rows, queries, keys, kv), variables = _drt(config, "step").apply(
       {"params": params, "cache": state.cache}, method=run, mutable=["cache"])
   new = state.replace(cache=variables["cache"], position=state.position + 1,
                       chunk_rows=chunk_rows)
   return _where_rows(closes, new, state), queries, keys, kv
-
-
-def _landmark_rows(config: ModelConfig, x):
-  return x.reshape(x.shape[0], -1, config.chunk_size, config.d_model)[:, :, -1]
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("history",), donate_argnums=2)
@@ -282,15 +506,15 @@ def _segment_start(config: ModelConfig, params, state: DecodeState, tokens, *, h
   Returns (rows [b, n * S, d], the chunks' K/V [b, n, S, 2, heads, head_dim] and landmark keys
   float32 [b, n, d], state with the lower caches advanced, group 0's queries float32 [b, n, d]).
   """
-  batch, length = tokens.shape
+  length = tokens.shape[1]
   chunks = length // config.chunk_len
 
   def run(m):
     x = m.lower_layers(m.chunk_rows(tokens))
-    keys, kv = m.encode(x.reshape(batch, chunks, config.chunk_size, config.d_model))
-    return x, kv, keys, m.retrieval_queries(0, _landmark_rows(config, x))
+    keys, kv = _stacked(*m.encode(m.by_chunk(x)))
+    return x, kv, keys, m.retrieval_queries(0, m.by_chunk(x)[:, :, -1])
 
-  (x, kv, keys, queries), variables = DecodeDRT(config, "segment", history).apply(
+  (x, kv, keys, queries), variables = _drt(config, "segment", history).apply(
       {"params": params, "cache": state.cache}, method=run, mutable=["cache"])
   return x, kv, keys, state.replace(cache=variables["cache"],
                                     position=state.position + length + chunks), queries
@@ -307,116 +531,47 @@ def _segment_group(config: ModelConfig, params, cache, x, retrieved, serving: Re
   def run(m):
     y = m.upper_layers(group, x, *retrieved, serving)
     if group + 1 < config.num_groups:
-      return y, m.retrieval_queries(group + 1, _landmark_rows(config, y))
+      return y, m.retrieval_queries(group + 1, m.by_chunk(y)[:, :, -1])
     return drop_landmarks(m.finish(y), config.chunk_size), None
 
-  (y, queries), variables = DecodeDRT(config, "segment", history).apply(
+  (y, queries), variables = _drt(config, "segment", history).apply(
       {"params": params, "cache": cache}, method=run, mutable=["cache"])
   return y, variables["cache"], queries
 
 
-class Decoder:
-  """A model's compiled inference pieces, shared by the sessions it starts.
+def _initial_cache(config: ModelConfig, params, batch: int):
+  """Zero ring buffers ("cache" collection) for `batch` sequences at position 0."""
 
-  Args:
-    config: the model (arch "drt", learned retrieval).
-    params: its float32 params (unboxed), as trained.
-    max_len: the most tokens a sequence may hold (prompt + generated); sizes the chunk stores.
-    segment_len: tokens per batch-mode segment when feeding long inputs, a multiple of
-      chunk_len (longer segments: fewer host round trips, more activation memory).
-    key_block: landmark keys scored per block at a retrieval, in chunks (a transfer and a jitted
-      top-k merge each; with host chunk memory the device holds about a block of keys at a
-      time). Not capped at the capacity: one block shape at every context length, so the
-      device memory of a retrieval does not depend on it.
-    gather_block: chunks' K/V copied to the device per piece when a segment gathers the chunks
-      it retrieved: they go, piece by piece, into one buffer of segment/chunk_len x K chunks
-      (the most a segment can retrieve), so only the retrieved chunks are copied and the
-      device memory is the same at every context length.
-  """
+  def touch(m):
+    x = m.lower_layers(m.token_row(jnp.zeros((batch,), jnp.int32)))
+    chunk = jnp.zeros((batch, 1, config.chunk_size, config.num_heads, config.head_dim),
+                      config.compute_dtype)  # its keys and its values
+    serving = Retrieval(jnp.zeros((batch, 1, 1), jnp.int32), jnp.zeros((batch, 1, 1)),
+                        jnp.zeros((batch, 1, 1), bool))
+    for g in range(config.num_groups):
+      x = m.upper_layers(g, x, chunk, chunk, serving)
+    return x
 
-  def __init__(self, config: ModelConfig, params, *, max_len: int, segment_len: int,
-               key_block: int = 8192, gather_block: int = 256):
-    if config.arch != "drt":
-      raise ConfigError(f"model.arch={config.arch!r}: incremental decoding needs 'drt'")
-    if config.retrieval != "learned":
-      raise ConfigError(f"model.retrieval={config.retrieval!r}: incremental decoding needs "
-                        "'learned' (random retrieval draws noise of the whole sequence's shape)")
-    if not isinstance(max_len, int) or max_len < 1:
-      raise ConfigError(f"max_len={max_len!r}: must be a positive integer")
-    c = config.chunk_len
-    if not isinstance(segment_len, int) or segment_len < c or segment_len % c:
-      raise ConfigError(f"segment_len={segment_len!r}: must be a positive multiple of "
-                        f"model.chunk_len={c}")
-    for name, value in (("key_block", key_block), ("gather_block", gather_block)):
-      if not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r}: must be a positive integer")
-    self.config = config
-    self.params = params
-    self.max_len = max_len
-    self.segment_len = segment_len
-    self.capacity = -(-max_len // c)
-    self.topk = min(config.topk, self.capacity)
-    self.key_block = key_block
-    # Whole blocks, so every block has one shape (one compilation); the excess is never visible.
-    self.key_capacity = -(-self.capacity // self.key_block) * self.key_block
-    most = segment_len // c * self.topk  # chunks one segment may retrieve
-    self.gather_block = min(gather_block, most)
-    self.gather_width = -(-most // self.gather_block) * self.gather_block  # whole pieces
-
-  def start(self, batch: int, chunk_memory: str = "device") -> "Session":
-    """A session of `batch` empty sequences; chunk_memory ("device" or "host") is where their
-    encoded chunks' K/V are kept."""
-    if chunk_memory not in CHUNK_MEMORIES:
-      raise ConfigError(f"chunk_memory={chunk_memory!r}: must be one of 'device', 'host'")
-    return Session(self, batch, chunk_memory)
-
-  def logits(self, hidden):
-    """hidden [..., d] -> float32 [..., vocab] (the tied head)."""
-    return tied_logits(hidden, self.params["embed"]["embedding"], self.config.compute_dtype)
-
-  def initial_state(self, batch: int) -> DecodeState:
-    c = self.config
-    groups, k, size = c.num_groups, self.topk, c.chunk_size
-    return DecodeState(
-        cache=init_cache(c, self.params, batch),
-        position=jnp.zeros((batch,), jnp.int32),
-        chunk_rows=jnp.zeros((batch, size, c.d_model), jnp.float32),
-        active=Retrieval(jnp.zeros((batch, groups, k), jnp.int32),
-                         jnp.zeros((batch, groups, k), jnp.float32),
-                         jnp.zeros((batch, groups, k), bool)),
-        active_kv=jnp.zeros((batch, groups, k) + self.chunk_shape, c.compute_dtype))
-
-  @property
-  def chunk_shape(self):
-    c = self.config
-    return (c.chunk_size, 2, c.num_heads, c.head_dim)
-
-  def new_store(self, batch: int, chunk_memory: str):
-    store = DeviceChunkStore if chunk_memory == "device" else HostChunkStore
-    return store(batch, self.capacity, self.key_capacity, self.chunk_shape, self.config.d_model,
-                 self.config.compute_dtype)
+  shapes = jax.eval_shape(lambda p: _drt(config, "step").apply(
+      {"params": p}, method=touch, mutable=["cache"])[1]["cache"], params)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-class Session:
-  """The inference state of `batch` sequences. Not thread-safe; one decoder, many sessions."""
+class DRTSession(Session):
+  """The DRT inference state of `batch` sequences: DecodeState and a chunk store."""
 
-  def __init__(self, decoder: Decoder, batch: int, chunk_memory: str):
-    self.decoder = decoder
-    self.batch = batch
-    self.lengths = np.zeros(batch, np.int64)  # tokens fed per sequence, known without a sync
+  def __init__(self, decoder: "DRTDecoder", batch: int, chunk_memory: str):
+    super().__init__(decoder, batch, chunk_memory)
     self.state = decoder.initial_state(batch)
     self.store = decoder.new_store(batch, chunk_memory)
     # Per group and sequence: chunk ids each landmark retrieved (-1 = empty slot), in order.
     self._retrieved = [[[] for _ in range(batch)] for _ in range(decoder.config.num_groups)]
 
   @classmethod
-  def concatenate(cls, sessions: Sequence["Session"]) -> "Session":
-    """One session holding the sequences of all `sessions` (same decoder and chunk memory), in
-    order; they may be at different lengths. The sessions given are used up."""
+  def concatenate(cls, sessions: Sequence["DRTSession"]) -> "DRTSession":
     first, rest = sessions[0], sessions[1:]
     merged = cls.__new__(cls)
-    merged.decoder = first.decoder
-    merged.batch = sum(s.batch for s in sessions)
+    Session.__init__(merged, first.decoder, sum(s.batch for s in sessions), first.chunk_memory)
     merged.lengths = np.concatenate([s.lengths for s in sessions])
     merged.state = jax.tree.map(lambda *xs: jnp.concatenate(xs), *(s.state for s in sessions))
     merged.store = first.store
@@ -426,45 +581,11 @@ class Session:
     return merged
 
   def retrieved(self, group: int) -> list[np.ndarray]:
-    """Per sequence, int [chunks encoded, K]: the chunk ids each chunk's landmark retrieved in
-    `group` (they serve the chunk after it), -1 in empty slots."""
     k = self.decoder.topk
     return [np.concatenate(rows) if rows else np.zeros((0, k), np.int64)
             for rows in self._retrieved[group]]
 
-  def feed(self, tokens) -> Iterator[tuple[int, jax.Array]]:
-    """Feeds int [batch, n] tokens, every sequence at the same length.
-
-    Returns an iterator of (offset, hidden [batch, m, d]): the final-normed hidden states of
-    tokens offset .. offset + m - 1 of this call (row t predicts token t + 1), piece by piece;
-    nothing is fed beyond what has been iterated. Inputs are checked at the call.
-    """
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or tokens.shape[0] != self.batch:
-      raise InputError(f"tokens of shape {tokens.shape}: expected [batch={self.batch}, length]")
-    if tokens.shape[1] == 0:
-      raise InputError("empty input: at least one token is needed")
-    if len(set(self.lengths.tolist())) != 1:
-      raise InputError(f"sequences hold {sorted(set(self.lengths.tolist()))} tokens: feed needs "
-                       "them all at one length (use step)")
-    self._check_room(tokens.shape[1])
-    return self._pieces(tokens)
-
-  def prefill(self, tokens):
-    """Feeds tokens (see feed); returns the hidden state of the last one, [batch, d]."""
-    for _, hidden in self.feed(tokens):
-      last = hidden[:, -1]
-      # Dropped before the next piece is dispatched: a whole segment's hidden states kept alive
-      # through it raised the peak device memory of long prefills by their size (0.19 GiB).
-      del hidden
-    return last
-
-  def step(self, tokens):
-    """One token per sequence (int [batch]) -> its hidden state [batch, d]."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.shape != (self.batch,):
-      raise InputError(f"tokens of shape {tokens.shape}: expected [batch={self.batch}]")
-    self._check_room(1)
+  def _step(self, tokens):
     d = self.decoder
     hidden, self.state = _token_step(d.config, d.params, self.state, tokens)
     self.lengths += 1
@@ -473,32 +594,14 @@ class Session:
       self._landmark(closes)
     return hidden
 
-  def _check_room(self, n: int):
-    longest = int(self.lengths.max()) + n
-    if longest > self.decoder.max_len:
-      raise InputError(f"{longest} tokens: longer than max_len={self.decoder.max_len}")
-
-  def _pieces(self, tokens):
-    c = self.decoder.config.chunk_len
-    done, total = 0, tokens.shape[1]
-    while done < total:
-      whole = (total - done) // c * c
-      if self.lengths[0] % c == 0 and whole:
-        size = min(whole, self.decoder.segment_len)
-        hidden = self._segment(tokens[:, done:done + size])
-      else:
-        size = 1
-        hidden = self.step(tokens[:, done])[:, None]
-      yield done, hidden
-      del hidden  # as in prefill: not held while the next piece runs
-      done += size
-
-  def _retrieve(self, queries, query_chunks) -> Retrieval:
-    """Queries float32 [b, q, d] of chunks query_chunks (numpy int [b, q]) -> Retrieval
-    [b, q, K] over the chunks before each query's: the stored landmark keys are scored a block at
-    a time; blocks from the latest query's chunk on hold nothing visible and are not visited."""
+  def _retrieve(self, queries, query_chunks, groups) -> Retrieval:
+    """Queries float32 [b, q, d] of chunks query_chunks (numpy int [b, q]) in retrieval groups
+    `groups` (int [q]) -> Retrieval [b, q, K] over the chunks before each query's: the stored
+    landmark keys are scored a block at a time; blocks from the latest query's chunk on hold
+    nothing visible and are not visited."""
     d = self.decoder
     chunks = jnp.asarray(query_chunks, jnp.int32)
+    groups = jnp.asarray(groups, jnp.int32)
     best = None
     # At least one block: at chunk 0 it marks every slot invalid.
     for first in range(0, max(int(query_chunks.max()), 1), d.key_block):
@@ -508,17 +611,16 @@ class Session:
         # device memory would grow with the number of blocks. The transfer dominates a block's
         # time anyway, so little overlap is lost.
         jax.block_until_ready(best)
-      best = _score_block(best, queries, chunks, self.store.key_block(first, d.key_block), first,
-                          topk=d.topk)
+      best = _score_block(d.config, d.params, best, queries, chunks, groups,
+                          self.store.key_block(first, d.key_block), first, topk=d.topk)
     return _retrieval_of(best)
-
   def _landmark(self, closes):
     d, c = self.decoder, self.decoder.config
     self.state, queries, keys, kv = _landmark_step(c, d.params, self.state, jnp.asarray(closes))
     chunk = self.lengths // c.chunk_len - 1
     # The other rows' retrieval is dropped: they query chunk 0, which needs no block.
     query_chunks = np.repeat(np.where(closes, chunk, 0)[:, None], c.num_groups, axis=1)
-    selected = self._retrieve(queries, query_chunks)
+    selected = self._retrieve(queries, query_chunks, np.arange(c.num_groups))
     # A chunk's landmark does not see the chunk's own key, so it is stored after the retrieval is
     # dispatched: the key blocks' transfers overlap the landmark step.
     self.store.write(kv, keys, chunk, closes)
@@ -533,7 +635,7 @@ class Session:
     d, c = self.decoder, self.decoder.config
     first = int(self.lengths[0]) // c.chunk_len
     chunks = tokens.shape[1] // c.chunk_len
-    history = min(first * c.chunk_size, cache_len(c))
+    history = min(first * c.chunk_size, c.window + 1)
     x, encoded, keys, state, queries = _segment_start(c, d.params, self.state, tokens,
                                                       history=history)
     self.store.write(encoded, keys, np.full(self.batch, first), np.ones(self.batch, bool))
@@ -543,7 +645,7 @@ class Session:
     query_chunks = np.broadcast_to(first + np.arange(chunks), (self.batch, chunks))
     cache, active = state.cache, []
     for g in range(c.num_groups):
-      selected = self._retrieve(queries, query_chunks)
+      selected = self._retrieve(queries, query_chunks, np.full(chunks, g))
       # Chunk j is served by the retrieval at chunk j - 1's landmark; the segment's first chunk
       # by the one carried from before the segment.
       serving = Retrieval(*(jnp.concatenate([now[:, g, None], new[:, :-1]], axis=1)
@@ -582,3 +684,57 @@ class Session:
     indices = np.where(np.asarray(selected.valid), np.asarray(selected.indices), -1)
     for i in rows:
       self._retrieved[group][i].append(indices[i])
+
+
+class DRTDecoder(Decoder):
+  """DRT decoding (Decoder's args, and:)
+
+  Args:
+    key_block: landmark keys scored per block at a retrieval, in chunks (a transfer and a jitted
+      top-k merge each; with host chunk memory the device holds about a block of keys at a
+      time). Not capped at the capacity: one block shape at every context length, so the
+      device memory of a retrieval does not depend on it.
+    gather_block: chunks' K/V copied to the device per piece when a segment gathers the chunks
+      it retrieved: they go, piece by piece, into one buffer of segment/chunk_len x K chunks
+      (the most a segment can retrieve), so only the retrieved chunks are copied and the
+      device memory is the same at every context length.
+  """
+  session_class = DRTSession
+
+  def __init__(self, config: ModelConfig, params, *, max_len: int, segment_len: int,
+               key_block: int = 8192, gather_block: int = 256):
+    for name, value in (("key_block", key_block), ("gather_block", gather_block)):
+      if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r}: must be a positive integer")
+    super().__init__(config, params, max_len=max_len, segment_len=segment_len)
+    c = config.chunk_len
+    self.capacity = -(-max_len // c)
+    self.topk = min(config.topk, self.capacity)
+    self.key_block = key_block
+    # Whole blocks, so every block has one shape (one compilation); the excess is never visible.
+    self.key_capacity = -(-self.capacity // self.key_block) * self.key_block
+    most = segment_len // c * self.topk  # chunks one segment may retrieve
+    self.gather_block = min(gather_block, most)
+    self.gather_width = -(-most // self.gather_block) * self.gather_block  # whole pieces
+
+  def initial_state(self, batch: int) -> DecodeState:
+    c = self.config
+    groups, k, size = c.num_groups, self.topk, c.chunk_size
+    return DecodeState(
+        cache=_initial_cache(c, self.params, batch),
+        position=jnp.zeros((batch,), jnp.int32),
+        chunk_rows=jnp.zeros((batch, size, c.d_model), jnp.float32),
+        active=Retrieval(jnp.zeros((batch, groups, k), jnp.int32),
+                         jnp.zeros((batch, groups, k), jnp.float32),
+                         jnp.zeros((batch, groups, k), bool)),
+        active_kv=jnp.zeros((batch, groups, k) + self.chunk_shape, c.compute_dtype))
+
+  @property
+  def chunk_shape(self):
+    c = self.config
+    return (c.chunk_size, 2, c.num_heads, c.head_dim)
+
+  def new_store(self, batch: int, chunk_memory: str):
+    store = DeviceChunkStore if chunk_memory == "device" else HostChunkStore
+    return store(batch, self.capacity, self.key_capacity, self.chunk_shape, self.config.d_model,
+                 self.config.compute_dtype)

@@ -219,7 +219,8 @@ class Trainer:
       return check.lower(state).compile()
 
   def _eval_rng(self):
-    """The fixed key of every eval; used only by retrieval="random"."""
+    """The fixed key of every eval (the rng stream the model may draw from; outside training none
+    does: random retrieval's eval ranking is retrieval.inference_noise)."""
     return jax.random.key(self.config.seed + 1)
 
   def compile_eval_step(self, params, batch: dict):

@@ -70,8 +70,8 @@ def test_copying_model_scores_all_and_a_guessing_one_nothing(monkeypatch, tmp_pa
     answers = rng.choice(TOKENIZER.encode("0123456789"), (len(prompts), max_new))
     return answers, retrieving(prompts, False)
 
-  decoder = types.SimpleNamespace(config=types.SimpleNamespace(num_groups=2,
-                                                               chunk_len=builder.chunk_len))
+  decoder = types.SimpleNamespace(config=types.SimpleNamespace(chunk_len=builder.chunk_len),
+                                  retrieval_groups=2)
   for model, expected in ((copying, 1.0), (guessing, 0.0)):
     monkeypatch.setattr(generate_lib, "continue_prompts", model)
     rows = eval_lib.evaluate_retrieval(decoder, builder, settings, stream, progress=False)
@@ -205,3 +205,33 @@ def test_cli_passkey_run_writes_json_and_plots(checkpoint, tmp_path):
     assert list(row["by_depth"]) == ["0", "1"] and 0 <= row["needle_retrieved"] <= 1
     assert (f"passkey length {length:>9}: {row['accuracy']:.4f} (needle retrieved "
             f"{row['needle_retrieved']:.4f})") in result.stdout
+
+
+@pytest.mark.parametrize("overrides", [{"retrieval": "random"}, {"arch": "swa"},
+                                       {"arch": "full", "use_alibi": False}],
+                         ids=["drt_random", "swa", "full"])
+def test_every_architecture_evaluates_ppl_and_passkey(tmp_path, overrides):
+  """Through the architecture's decoder: ppl equals the one-shot loss, passkey runs end to end
+  (needle_retrieved null where nothing is retrieved)."""
+  config = small_config(**overrides)
+  params = save_initial_checkpoint(config, str(tmp_path / "run"))
+  length, windows = 42, 2
+  settings = eval_lib.Settings(task="ppl", lengths=(length,), out=str(tmp_path / "ppl.json"),
+                               windows=windows, batch=2)
+  result = eval_lib.run(config, str(tmp_path / "run"), settings, progress=False)["results"][0]
+  stream = sources.load_corpus(config.data, tokenizer_lib.make_tokenizer("byte")).eval.array()
+  tokens = jnp.asarray(np.stack([stream[s:s + length] for s in range(0, windows * length,
+                                                                      length)]), jnp.int32)
+  model = lm.make_model(config_lib.validate(config))
+  total, count = lm.loss_terms(model, jax.device_get(params), tokens, train=False,
+                               rng=jax.random.key(0))
+  np.testing.assert_allclose(result["nll"], float(total / count), rtol=1e-5)
+  settings = eval_lib.Settings(task="passkey", lengths=PASSKEY_LENGTHS[:1], samples=(2,), depths=2,
+                               batch=2, out=str(tmp_path / "passkey.json"))
+  row = eval_lib.run(config, str(tmp_path / "run"), settings, progress=False)["results"][0]
+  assert row["samples"] == 2 and 0 <= row["accuracy"] <= 1
+  retrieves = config.model.arch == "drt"
+  assert (row["needle_retrieved"] is not None) == retrieves
+  saved = json.loads((tmp_path / "passkey.json").read_text())
+  assert saved["arch"] == config.model.arch and saved["results"][0]["needle_retrieved"] == (
+      row["needle_retrieved"])

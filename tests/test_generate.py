@@ -40,7 +40,7 @@ def setup():
   mc = model_config(config)
   model = lm.make_model(mc)
   params = nn.meta.unbox(lm.init_params(model, jax.random.key(0), 1, config.data.seq_len))
-  decoder = inference.Decoder(mc, params, max_len=7 * CHUNKS, segment_len=SEGMENT)
+  decoder = inference.DRTDecoder(mc, params, max_len=7 * CHUNKS, segment_len=SEGMENT)
   return model, params, decoder
 
 
@@ -71,7 +71,7 @@ def runs(setup):
   tokens = np.asarray(random_tokens(1, 2, 7 * CHUNKS))
   results = {}
   for blocks, sizes in BLOCKS.items():
-    blocked = inference.Decoder(decoder.config, params, max_len=decoder.max_len,
+    blocked = inference.DRTDecoder(decoder.config, params, max_len=decoder.max_len,
                                 segment_len=SEGMENT, **sizes)
     for plan, feeds in PLANS.items():
       for memory in inference.CHUNK_MEMORIES:
@@ -140,34 +140,13 @@ def test_blocked_top_k_equals_select_chunks(block):
     np.testing.assert_array_equal(np.asarray(have), np.asarray(want), err_msg=name)
 
 
-def test_host_store_pins_a_key_block_once_every_sequence_has_filled_it():
-  """Key blocks are read from a pinned host copy only when no sequence can still write to them
-  (ragged lengths: the shorter row decides); the pinned copy holds the keys the numpy store holds,
-  and merging stores drops the copies of the old batch."""
-  rng = np.random.default_rng(0)
-  store = inference.HostChunkStore(2, 9, 9, (2, 2, 1, 4), 5, jnp.float32)
-  kv = rng.standard_normal((2, 6, 2, 2, 1, 4)).astype(np.float32)
-  keys = rng.standard_normal((2, 6, 5)).astype(np.float32)
-  store.write(kv, keys, np.array([0, 0]), np.array([True, True]))
-  store.write(kv[:, :2], keys[:, :2] + 1, np.array([6, 3]), np.array([True, False]))
-  for first in (0, 3, 6):
-    block = store.key_block(first, 3)
-    np.testing.assert_array_equal(np.asarray(block), store.keys[:, first:first + 3])
-    assert block.sharding.memory_kind == "device"
-  assert list(store._pinned) == [(0, 3), (3, 3)]  # row 1 has written 6 chunks, row 0 8
-  assert all(a.sharding.memory_kind == "pinned_host" for a in store._pinned.values())
-  store.concatenate([inference.HostChunkStore(1, 9, 9, (2, 2, 1, 4), 5, jnp.float32)])
-  assert not store._pinned and store.filled.tolist() == [8, 6, 0]
-  np.testing.assert_array_equal(np.asarray(store.key_block(0, 3)), store.keys[:, :3])
-
-
 def test_host_memory_keeps_no_context_sized_array_on_the_device(setup):
   """With host chunk memory, landmark keys and chunk K/V stay in host memory: no device array has
   a dimension of the capacity (1001 chunks here) or of the keys' whole blocks (2 x 1000), after
   segments, steps and a landmark."""
   _, params, decoder = setup
   capacity, sizes = 1001, {1001, 2000}
-  big = inference.Decoder(decoder.config, params, max_len=7 * capacity, segment_len=SEGMENT,
+  big = inference.DRTDecoder(decoder.config, params, max_len=7 * capacity, segment_len=SEGMENT,
                           key_block=1000)
   tokens = np.asarray(random_tokens(5, 2, 35))
   session = big.start(2, "host")
@@ -180,49 +159,24 @@ def test_host_memory_keeps_no_context_sized_array_on_the_device(setup):
   assert (store.buffer.shape[1], store.keys.shape[1]) == (1001, 2000)
 
 
-def test_prefill_holds_no_earlier_piece_while_the_next_runs(setup, monkeypatch):
-  """Each segment's hidden states [b, segment, d] are released before the next segment is
-  dispatched; held, they added a segment's hidden states to a long prefill's peak device memory."""
+def test_feed_holds_no_earlier_piece_once_the_next_is_out(setup):
+  """feed keeps no reference to a piece's hidden states [b, m, d] once the caller has dropped
+  it: held, they added a segment's hidden states to a long prefill's peak device memory."""
   _, _, decoder = setup
-  returned, alive = [], []
-  segment = inference.Session._segment
-
-  def tracked(self, tokens):
-    alive.append(sum(ref() is not None for ref in returned))
-    hidden = segment(self, tokens)
-    returned.append(weakref.ref(hidden))
-    return hidden
-
-  monkeypatch.setattr(inference.Session, "_segment", tracked)
-  decoder.start(2, "host").prefill(np.asarray(random_tokens(6, 2, 7 * CHUNKS)))
-  assert alive == [0, 0, 0, 0]  # four segments of two chunks
-
-
-def test_segment_releases_its_encoded_chunks_once_stored(setup, monkeypatch):
-  """A segment's own chunk K/V [b, n, S, 2, heads, head_dim] is released once the chunk store
-  has it, before the groups' upper layers run; held through them, it added its size to a long
-  prefill's peak device memory."""
-  _, _, decoder = setup
-  encoded, alive = [], []
-  start, group = inference._segment_start, inference._segment_group
-
-  def tracked_start(*args, **kwargs):
-    outputs = start(*args, **kwargs)
-    encoded.append(weakref.ref(outputs[1]))
-    return outputs
-
-  def tracked_group(*args, **kwargs):
-    alive.append(encoded[-1]() is not None)
-    return group(*args, **kwargs)
-
-  monkeypatch.setattr(inference, "_segment_start", tracked_start)
-  monkeypatch.setattr(inference, "_segment_group", tracked_group)
-  decoder.start(2, "host").prefill(np.asarray(random_tokens(6, 2, 7 * CHUNKS)))
-  assert alive and not any(alive)
+  earlier = []
+  for _, hidden in decoder.start(2, "host").feed(np.asarray(random_tokens(6, 2, 7 * CHUNKS - 3))):
+    assert all(ref() is None for ref in earlier)
+    earlier.append(weakref.ref(hidden))
+    del hidden
+  assert len(earlier) == 4 + 4  # segments of 2, 2, 2 and 1 chunks, then four token steps
 
 
 def test_ragged_batch_generation_follows_the_forward(setup):
+  """Prompts of different lengths, joined; host memory in key blocks of 2 chunks, so blocks that
+  one sequence has filled are read while the other still writes to them."""
   model, params, decoder = setup
+  decoder = inference.DRTDecoder(decoder.config, params, max_len=decoder.max_len,
+                                 segment_len=SEGMENT, key_block=2)
   prompts = [np.asarray(random_tokens(seed, 1, n))[0] for seed, n in ((3, 3), (4, 6))]
   new = 12  # both cross chunk boundaries at different steps
   generated = generate_lib.generate(decoder, prompts, new, chunk_memory="host")
@@ -243,7 +197,7 @@ def test_pallas_inference_matches_the_forward():
   params = nn.meta.unbox(lm.init_params(xla, jax.random.key(0), 1, config.data.seq_len))
   tokens = np.asarray(random_tokens(6, 2, config.data.seq_len))
   config.model.impl = "pallas"
-  decoder = inference.Decoder(model_config(config), params, max_len=63 * 12, segment_len=63 * 4)
+  decoder = inference.DRTDecoder(model_config(config), params, max_len=63 * 12, segment_len=63 * 4)
   with jax.default_matmul_precision("highest"):
     expected, _ = _one_shot(xla, params, tokens)
     session = decoder.start(2, "host")
@@ -288,11 +242,11 @@ def test_bad_inputs_are_named(setup):
   mc = decoder.config
   with pytest.raises(config_lib.ConfigError, match="segment_len=10: must be a positive multiple "
                      "of model.chunk_len=7"):
-    inference.Decoder(mc, decoder.params, max_len=56, segment_len=10)
+    inference.DRTDecoder(mc, decoder.params, max_len=56, segment_len=10)
   with pytest.raises(config_lib.ConfigError, match="key_block=0: must be a positive integer"):
-    inference.Decoder(mc, decoder.params, max_len=56, segment_len=14, key_block=0)
+    inference.DRTDecoder(mc, decoder.params, max_len=56, segment_len=14, key_block=0)
   with pytest.raises(config_lib.ConfigError, match="gather_block=-1: must be a positive integer"):
-    inference.Decoder(mc, decoder.params, max_len=56, segment_len=14, gather_block=-1)
+    inference.DRTDecoder(mc, decoder.params, max_len=56, segment_len=14, gather_block=-1)
   with pytest.raises(config_lib.ConfigError, match="chunk_memory='disk'"):
     decoder.start(1, "disk")
 

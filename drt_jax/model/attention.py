@@ -1,5 +1,6 @@
 """The one dispatch point for attention kernels (`model.impl`: "xla" | "pallas"), and the
-sliding-window self-attention layer built on it (§2.3).
+decoder self-attention layer built on it: sliding-window with ALiBi (§2.3) or full causal with
+RoPE, in training or over a KV cache when decoding.
 
 "xla" runs the plain-JAX references of kernels_pallas (blockwise, O(T*W) memory); "pallas" runs
 the Pallas GPU kernels with the same signatures (in interpret mode when there is no GPU). XLA
@@ -73,6 +74,34 @@ def sliding_window_decode(q, k_cache, v_cache, slopes, *, window: int, scale: fl
                           () if slopes is None else (slopes,))
 
 
+def _cudnn(q, impl: str) -> bool:
+  # cuDNN's fused attention takes only 16-bit inputs: float32 (and every CPU run) takes XLA's.
+  return impl == "pallas" and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16,
+                                                                            jnp.float16)
+
+
+@jax.named_scope("causal_attention")
+def causal_attention(q, k, v, *, scale: float, impl: str):
+  """Full causal attention. q [b, t, heads, d], k/v [b, t, kv_heads, d] -> like q.
+
+  impl="pallas" runs cuDNN's fused kernel on a GPU (jax.nn.dot_product_attention; JAX notes:
+  correct only with is_causal=True), otherwise XLA's [t, t] softmax.
+  """
+  implementation = "cudnn" if _cudnn(q, impl) else "xla"
+  kernel = functools.partial(jax.nn.dot_product_attention, scale=scale, is_causal=True,
+                             implementation=implementation)
+  return _per_batch_shard(kernel, (q, k, v))
+
+
+def cached_causal_attention(q, k_cache, v_cache, *, query_positions, scale: float):
+  """Rows q [b, n, heads, d] at positions query_positions (int [b, n]) against a linear KV cache
+  k/v_cache [b, L, kv_heads, d] holding position p in slot p; slots after a row's position are
+  masked (decoding, any impl: XLA's masked softmax)."""
+  visible = jnp.arange(k_cache.shape[1])[None, None, :] <= query_positions[:, :, None]
+  return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=visible[:, None], scale=scale,
+                                      implementation="xla")
+
+
 @jax.named_scope("grouped_cross_attention")
 def grouped_cross_attention(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int,
                             softmax_off_by_one: bool, impl: str):
@@ -91,18 +120,116 @@ def grouped_cross_attention(q, k_mem, v_mem, indices, weights, *, scale: float, 
   return _per_batch_shard(kernel, (q, k_mem, v_mem, indices, weights))
 
 
-class SlidingWindowSelfAttention(nn.Module):
-  """Causal window-W attention with ALiBi (§2.3). [b, t, d_model] -> compute dtype [b, t, d_model]."""
+def _rows_by_position(ring, first):
+  """ring [b, n, ...] (position p in slot p % n) -> [b, n, ...], positions first .. first + n - 1.
+
+  first: int [b]. Slots of positions never written hold zeros or stale rows: callers drop them.
+  """
+  n = ring.shape[1]
+  slots = jnp.remainder(first[:, None] + jnp.arange(n)[None, :], n)
+  return jnp.take_along_axis(ring, slots.reshape(slots.shape + (1,) * (ring.ndim - 2)), axis=1)
+
+
+def _to_ring(chronological, end, n: int):
+  """The last n rows of `chronological` [b, t, ...] (positions end - t .. end - 1) as a ring of n
+  slots; rows before position end - t (t < n) are zero."""
+  if chronological.shape[1] < n:
+    pad = [(0, 0)] * chronological.ndim
+    pad[1] = (n - chronological.shape[1], 0)
+    chronological = jnp.pad(chronological, pad)
+  last = chronological[:, -n:]  # positions end - n .. end - 1
+  slots = jnp.remainder(jnp.arange(n)[None, :] - (end[:, None] - n), n)
+  return jnp.take_along_axis(last, slots.reshape(slots.shape + (1,) * (last.ndim - 2)), axis=1)
+
+
+MODES = ("train", "step", "segment")
+KINDS = ("sliding", "full")
+
+
+class SelfAttention(nn.Module):
+  """Decoder self-attention. x [b, rows, d_model] -> compute dtype [b, rows, d_model].
+
+  kind "sliding": causal window-W attention with ALiBi (§2.3); "full": full causal attention
+  with RoPE (model.rope_theta) at the stream positions.
+  mode "train": x holds whole sequences from position 0; no state.
+  mode "step": x [b, 1, d_model], one new row per sequence, each at its own position.
+  mode "segment": x [b, rows, d_model], rows continuing every sequence at the same position.
+  Decoding keeps the keys/values in flax collection "cache": for "sliding" a ring of window + 1
+  slots (position p in slot p % (window + 1)); a segment attends to the `history` cached positions
+  before it (history = min(position, window + 1), static, so no slot never written is read). For
+  "full" a linear cache of `cache_len` slots (position p in slot p), masked past each row.
+  """
   config: ModelConfig
+  kind: str = "sliding"
+  mode: str = "train"
+  history: int = 0
+  cache_len: int = 0  # "full" decoding: the most positions a sequence holds
 
   @nn.compact
   def __call__(self, x):
     c = self.config
+    batch, rows, _ = x.shape
     q = layers.head_projection(c, c.num_heads, "q")(x)
     k = layers.head_projection(c, c.num_kv_heads, "k")(x)
     v = layers.head_projection(c, c.num_kv_heads, "v")(x)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-    slopes = (jnp.asarray(sliding_window_ops.alibi_slopes(c.num_heads), jnp.float32)
-              if c.use_alibi else None)
-    out = sliding_window(q, k, v, slopes, window=c.window, scale=c.head_dim ** -0.5, impl=c.impl)
+    scale = c.head_dim ** -0.5
+    if self.mode == "train":
+      positions = jnp.broadcast_to(jnp.arange(rows), (batch, rows))
+    else:
+      position = self.variable("cache", "position", jnp.zeros, (batch,), jnp.int32)
+      positions = position.value[:, None] + jnp.arange(rows)[None, :]
+      position.value = position.value + rows
+    if self.kind == "full":
+      q = layers.apply_rope(q, c.rope_theta, positions)
+      k = layers.apply_rope(k, c.rope_theta, positions)
+      out = (causal_attention(q, k, v, scale=scale, impl=c.impl) if self.mode == "train" else
+             self._cached_full(q, k, v, positions, scale))
+    else:
+      slopes = (jnp.asarray(sliding_window_ops.alibi_slopes(c.num_heads), jnp.float32)
+                if c.use_alibi else None)
+      out = (sliding_window(q, k, v, slopes, window=c.window, scale=scale, impl=c.impl)
+             if self.mode == "train" else self._cached_sliding(q, k, v, positions[:, 0], slopes,
+                                                               scale))
     return layers.output_projection(c, "o")(out)
+
+  def _cache(self, size: int, k, v):
+    shape = (k.shape[0], size, self.config.num_kv_heads, self.config.head_dim)
+    return (self.variable("cache", "cached_k", jnp.zeros, shape, k.dtype),
+            self.variable("cache", "cached_v", jnp.zeros, shape, v.dtype))
+
+  def _cached_full(self, q, k, v, positions, scale):
+    k_cache, v_cache = self._cache(self.cache_len, k, v)
+    if self.mode == "step":
+      slot = (jnp.arange(q.shape[0]), positions[:, 0])
+      k_cache.value = k_cache.value.at[slot].set(k[:, 0])
+      v_cache.value = v_cache.value.at[slot].set(v[:, 0])
+    else:  # every sequence at the same position
+      start = positions[0, 0]
+      k_cache.value = jax.lax.dynamic_update_slice_in_dim(k_cache.value, k, start, axis=1)
+      v_cache.value = jax.lax.dynamic_update_slice_in_dim(v_cache.value, v, start, axis=1)
+    return cached_causal_attention(q, k_cache.value, v_cache.value, query_positions=positions,
+                                   scale=scale)
+
+  def _cached_sliding(self, q, k, v, p, slopes, scale):
+    c = self.config
+    size = c.window + 1
+    k_cache, v_cache = self._cache(size, k, v)
+    rows = q.shape[1]
+    if self.mode == "step":
+      slot = (jnp.arange(q.shape[0]), jnp.remainder(p, size))
+      k_cache.value = k_cache.value.at[slot].set(k[:, 0])
+      v_cache.value = v_cache.value.at[slot].set(v[:, 0])
+      return sliding_window_decode(q[:, 0], k_cache.value, v_cache.value, slopes,
+                                   window=c.window, scale=scale, position=p, impl=c.impl)[:, None]
+    h = self.history
+    past = lambda cache: _rows_by_position(cache, p - size)[:, size - h:]  # noqa: E731
+    keys = jnp.concatenate([past(k_cache.value), k], axis=1)
+    values = jnp.concatenate([past(v_cache.value), v], axis=1)
+    # History rows get zero queries: their outputs are dropped, only their keys matter.
+    queries = jnp.pad(q, ((0, 0), (h, 0), (0, 0), (0, 0)))
+    out = sliding_window(queries, keys, values, slopes, window=c.window, scale=scale,
+                         impl=c.impl)[:, h:]
+    k_cache.value = _to_ring(keys, p + rows, size)
+    v_cache.value = _to_ring(values, p + rows, size)
+    return out

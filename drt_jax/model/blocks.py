@@ -6,7 +6,7 @@ import flax.linen as nn
 
 from drt_jax.config import ModelConfig
 from drt_jax.model import layers
-from drt_jax.model.attention import SlidingWindowSelfAttention
+from drt_jax.model.attention import SelfAttention
 from drt_jax.model.gca import GroupedCrossAttention
 from drt_jax.model.retrieval import Retrieval
 
@@ -16,14 +16,16 @@ ACTIVATION_AXES = ("batch", "length", "embed")
 class DecoderBlock(nn.Module):
   """x + Attn(norm(x)), then + MLP(norm(x)). float32 [batch, length, d_model] -> same."""
   config: ModelConfig
-  # The self-attention class; decoding (model/decode.py) swaps in a KV-cached twin with the same
-  # params.
-  attention: Callable[..., nn.Module] = SlidingWindowSelfAttention
+  # The self-attention class, e.g. SelfAttention with a kind and a decoding mode set (same params
+  # in every mode).
+  attention: Callable[..., nn.Module] = SelfAttention
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *attention_args):
+    # attention_args go on to the attention layer, e.g. landmark attention's top-k.
     c = self.config
-    x = x + self.attention(c, name="attn")(layers.RMSNorm(c.rms_eps, name="attn_norm")(x))
+    x = x + self.attention(c, name="attn")(layers.RMSNorm(c.rms_eps, name="attn_norm")(x),
+                                           *attention_args)
     x = x + layers.SwiGLU(c, name="mlp")(layers.RMSNorm(c.rms_eps, name="mlp_norm")(x))
     return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
@@ -38,7 +40,7 @@ class UpperBlock(nn.Module):
   ([batch, 1, d_model], retrieval [batch, 1, k]); k_mem may then hold only the retrieved chunks.
   """
   config: ModelConfig
-  attention: Callable[..., nn.Module] = SlidingWindowSelfAttention  # as in DecoderBlock
+  attention: Callable[..., nn.Module] = SelfAttention  # as in DecoderBlock
 
   @nn.compact
   def __call__(self, x, k_mem, v_mem, retrieval: Retrieval):

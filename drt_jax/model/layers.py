@@ -4,8 +4,6 @@ Params are float32 with logical axis names; matmuls run in the config's compute 
 compute in float32 and return float32 so the residual stream stays float32 (§2.8).
 """
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -80,22 +78,22 @@ def output_projection(config: ModelConfig, name: str):
   return dense(config, config.d_model, ("heads", "head_dim", "embed"), name, in_axes=2)
 
 
-@functools.lru_cache(maxsize=None)
-def _rope_angles(length: int, head_dim: int, theta: float):
-  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-  angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
-  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+def apply_rope(x, theta: float, positions=None):
+  """HF-Llama "rotate-half" RoPE (§2.4).
 
-
-def apply_rope(x, theta: float):
-  """HF-Llama "rotate-half" RoPE over positions 0..length-1 (§2.4).
-
-  x: [..., length, heads, head_dim] -> same shape and dtype.
+  x: [..., length, heads, head_dim]; positions: int broadcastable to [..., length], the rows'
+  positions (default 0 .. length - 1). Returns x's shape and dtype. The angles are computed in
+  float32 from the positions, so a row gets the same rotation in a one-shot forward and when
+  decoded at its position.
   """
   length, head_dim = x.shape[-3], x.shape[-1]
-  cos, sin = _rope_angles(length, head_dim, float(theta))
-  cos = jnp.concatenate([cos, cos], axis=-1)[:, None, :]
-  sin = jnp.concatenate([sin, sin], axis=-1)[:, None, :]
+  if positions is None:
+    positions = jnp.arange(length)
+  inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+              ).astype(np.float32)
+  angles = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq  # [..., length, head_dim / 2]
+  cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[..., None, :]
+  sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[..., None, :]
   x32 = x.astype(jnp.float32)
   first, second = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-second, first], axis=-1)

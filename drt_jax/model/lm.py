@@ -1,17 +1,17 @@
-"""Model construction and the language-modelling loss shared by DRT and the baselines (§1.3)."""
+"""Model construction and the language-modelling loss shared by every architecture (§1.3)."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from drt_jax.config import ModelConfig
-from drt_jax.model.baselines import SlidingWindowLM
-from drt_jax.model.drt import DRT
+from drt_jax.model import architectures
 from drt_jax.model.head import cross_entropy_sum, tied_logits
 
 
 def make_model(config: ModelConfig) -> nn.Module:
-  return DRT(config) if config.arch == "drt" else SlidingWindowLM(config)
+  """The training module of model.arch (model/architectures.py)."""
+  return architectures.make_model(config)
 
 
 def init_params(model: nn.Module, rng, batch: int, length: int):

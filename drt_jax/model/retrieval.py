@@ -5,8 +5,10 @@ chunk j + 1 (its own predecessor j is inside the sliding window). Training adds 
 scores for the *selection* only (Gumbel top-k = sampling k chunks without replacement from
 softmax(scores)); the mixing weights are the softmax of the noise-free scores of the chosen chunks,
 so the LM loss reaches the scores, the landmark queries and the landmark keys through them.
-Inference scores the landmark keys block by block (they may live in host memory): merge_top_k
-keeps a running top-k that ends equal to select_chunks on the whole array.
+Random retrieval ranks by noise alone: fresh Gumbel noise in training, outside it a fixed function
+of (group, query chunk, key chunk), inference_noise. Inference scores the landmark keys block by
+block (they may live in host memory): merge_top_k keeps a running top-k that ends equal to
+select_chunks on the whole array.
 """
 
 from typing import NamedTuple
@@ -65,25 +67,51 @@ def top_k_retrieval(ranked, indices, chosen) -> Retrieval:
   return Retrieval(indices, weights, valid)
 
 
-def merge_top_k(best, scores, mask, first, topk: int):
-  """One block of a blocked, noise-free select_chunks, for keys that do not fit in one array.
+def merge_top_k(best, scores, mask, first, topk: int, ranking=None):
+  """One block of a blocked select_chunks, for keys that do not fit in one array.
 
-  best: (ranked f32 [b, q, k], ids int32 [b, q, k]), the top-k so far of chunks < first, or None
-  before the first block; scores: f32 [b, q, n] of chunks first .. first + n - 1; mask: bool
-  broadcastable to scores. Returns the top-k of chunks < first + n, in the same form. After the
-  last block, top_k_retrieval(ranked, ids, ranked) equals select_chunks(all scores, mask, k):
-  lax.top_k breaks ties toward the lower position, and the running entries (lower ids) come
-  before the block's, so ties go to the lower chunk id as on the full array.
+  best: (ranked f32 [b, q, k], ids int32 [b, q, k], chosen f32 [b, q, k]), the top-k so far of
+  chunks < first, or None before the first block; scores: f32 [b, q, n] of chunks first ..
+  first + n - 1; mask: bool broadcastable to scores; ranking: what the top-k ranks, like
+  select_chunks' (default the scores). Returns the top-k of chunks < first + n, in the same form.
+  After the last block, top_k_retrieval(*best) equals select_chunks(all scores, mask, k,
+  all ranking): lax.top_k breaks ties toward the lower position, and the running entries (lower
+  ids) come before the block's, so ties go to the lower chunk id as on the full array.
   """
   batch, queries, n = scores.shape
   if best is None:  # k empty slots: a block may hold fewer than k chunks
     best = (jnp.full((batch, queries, topk), -jnp.inf, jnp.float32),
-            jnp.zeros((batch, queries, topk), jnp.int32))
-  ranked, ids = best
+            jnp.zeros((batch, queries, topk), jnp.int32),
+            jnp.zeros((batch, queries, topk), jnp.float32))
+  ranked, ids, chosen = best
+  ranking = scores if ranking is None else ranking
   block_ids = jnp.broadcast_to(first + jnp.arange(n, dtype=jnp.int32), scores.shape)
   ranked, positions = jax.lax.top_k(
-      jnp.concatenate([ranked, jnp.where(mask, scores, -jnp.inf)], axis=-1), topk)
-  return ranked, jnp.take_along_axis(jnp.concatenate([ids, block_ids], axis=-1), positions, -1)
+      jnp.concatenate([ranked, jnp.where(mask, ranking, -jnp.inf)], axis=-1), topk)
+  pick = lambda running, block: jnp.take_along_axis(  # noqa: E731
+      jnp.concatenate([running, block], axis=-1), positions, -1)
+  return ranked, pick(ids, block_ids), pick(chosen, scores)
+
+
+def inference_noise(groups, query_chunks, key_chunks):
+  """The ranking of random retrieval outside training: Gumbel(0, 1) noise float32 [..., q, k]
+  for query chunk ids int [..., q] of groups `groups` (int, broadcastable to [..., q]) against
+  key chunk ids int [..., k].
+
+  Each value is drawn from a key of (group, query chunk, key chunk) alone, folded into a fixed
+  key, so it does not depend on the batch, the sequence length or how decoding segments the
+  input: a one-shot forward and incremental decoding rank the same chunks (docs/design.md).
+  """
+  def one(g, j, i):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(0), g), j), i)
+    return jax.random.gumbel(key, (), jnp.float32)
+
+  query_chunks = jnp.asarray(query_chunks)
+  groups = jnp.broadcast_to(jnp.asarray(groups), query_chunks.shape)
+  groups, queries, keys = jnp.broadcast_arrays(groups[..., :, None], query_chunks[..., :, None],
+                                               jnp.asarray(key_chunks)[..., None, :])
+  return jax.vmap(one)(groups.reshape(-1), queries.reshape(-1),
+                       keys.reshape(-1)).reshape(queries.shape)
 
 
 def gumbel_noise(rng, shape):

@@ -1,0 +1,159 @@
+"""Every architecture through the one interface (model/architectures.py): causality, incremental
+decoding equal to the one-shot forward, and the combinations that cannot work."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from drt_jax import config as config_lib
+from drt_jax import inference
+from drt_jax.model import architectures
+from drt_jax.model import lm
+from tests.helpers import model_config, random_tokens, small_config
+
+C = 7  # chunk_len of small_config
+# model overrides of every architecture and retrieval variant; landmark joins when registered.
+CASES = {
+    "drt": {},
+    "drt_random": {"retrieval": "random"},
+    "drt_no_gumbel": {"gumbel": False},
+    "swa": {"arch": "swa"},
+    "full": {"arch": "full", "use_alibi": False},
+}
+
+
+def _available(name):
+  try:
+    architectures.get(name)
+    return True
+  except config_lib.ConfigError:
+    return False
+
+
+def _cases():
+  cases = dict(CASES)
+  if _available("landmark"):
+    cases["landmark"] = {"arch": "landmark"}
+  return cases
+
+
+def _build(case, length=5 * C):
+  config = small_config(topk=2, init_std=0.1, **_cases()[case])
+  config.data.seq_len = length
+  mc = model_config(config)
+  model = lm.make_model(mc)
+  params = nn.meta.unbox(lm.init_params(model, jax.random.key(0), 1, length))
+  return mc, model, params
+
+
+def test_the_registry_names_every_configurable_architecture():
+  assert tuple(architectures.ARCH_MODULES) == config_lib.ARCHS
+  for name in ("drt", "swa", "full"):
+    assert architectures.get(name).name == name
+  with pytest.raises(config_lib.ConfigError, match="model.arch='rnn': must be one of 'drt'"):
+    architectures.get("rnn")
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+@pytest.mark.parametrize("train", [False, True])
+def test_changing_later_tokens_changes_no_earlier_output(case, train):
+  _, model, params = _build(case)
+  tokens = random_tokens(1, 2, 5 * C)
+  rng = jax.random.key(7)
+  base = lm.logits(model, params, tokens, train=train, rng=rng)
+  for t in (0, C - 1, C, 20):
+    changed = tokens.at[:, t + 1:].set(random_tokens(t + 100, 2, 5 * C)[:, t + 1:])
+    out = lm.logits(model, params, changed, train=train, rng=rng)
+    np.testing.assert_allclose(out[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-5)
+    assert not np.allclose(out[:, t + 1:], base[:, t + 1:], atol=1e-3), "later logits must move"
+
+
+# Prompt lengths: one token, a chunk less one, a chunk, a chunk and one, three chunks and five
+# (across segments of two chunks); then token steps to 5 chunks.
+PROMPTS = (1, C - 1, C, C + 1, 3 * C + 5)
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+def test_incremental_decoding_equals_the_one_shot_forward(case):
+  mc, model, params = _build(case)
+  tokens = np.asarray(random_tokens(2, 2, 5 * C))
+  expected = np.asarray(lm.logits(model, params, jnp.asarray(tokens)))
+  decoder = architectures.make_decoder(mc, params, max_len=5 * C, segment_len=2 * C)
+  for memory in architectures.get(mc.arch).chunk_memories:
+    for prompt in PROMPTS:
+      session = decoder.start(2, memory)
+      hidden = [h for _, h in session.feed(tokens[:, :prompt])]
+      hidden += [session.step(tokens[:, t])[:, None] for t in range(prompt, 5 * C)]
+      assert session.lengths.tolist() == [5 * C] * 2
+      logits = np.asarray(decoder.logits(jnp.concatenate(hidden, axis=1)))
+      np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4,
+                                 err_msg=f"{case}, {memory} memory, prompt {prompt}")
+
+
+@pytest.mark.parametrize("case", ["drt_random", "swa", "full"])
+def test_ragged_prompts_decode_as_each_alone(case):
+  """Sessions of different lengths joined (decoder.concatenate) step as they would alone."""
+  mc, _, params = _build(case)
+  decoder = architectures.make_decoder(mc, params, max_len=5 * C, segment_len=2 * C)
+  tokens = np.asarray(random_tokens(3, 2, 3 * C))
+  alone = []
+  for i, prompt in enumerate((C + 2, 2 * C)):
+    session = decoder.start(1)
+    session.prefill(tokens[i:i + 1, :prompt])
+    alone.append([np.asarray(session.step(tokens[i:i + 1, t])) for t in range(prompt, 3 * C)])
+  sessions = [decoder.start(1), decoder.start(1)]
+  sessions[0].prefill(tokens[:1, :C + 2])
+  sessions[1].prefill(tokens[1:, :2 * C])
+  joined = decoder.concatenate(sessions)
+  for t in range(2 * C, 3 * C):  # both rows' next tokens, at their own positions
+    out = np.asarray(joined.step(np.array([tokens[0, t - C + 2], tokens[1, t]])))
+    np.testing.assert_allclose(out[0], alone[0][t - 2 * C][0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out[1], alone[1][t - 2 * C][0], rtol=0, atol=1e-5)
+
+
+def test_settings_an_architecture_cannot_take_fail_naming_both():
+  mc, _, params = _build("swa")
+  decoder = architectures.make_decoder(mc, params, max_len=5 * C, segment_len=2 * C)
+  with pytest.raises(config_lib.ConfigError,
+                     match="model.arch='swa' with chunk_memory='host': this architecture keeps "
+                     "its decoding memory on: 'device'"):
+    decoder.start(1, "host")
+  with pytest.raises(inference.InputError, match="model.arch='swa' retrieves no chunks"):
+    decoder.start(1).retrieved(0)
+  assert decoder.retrieval_groups == 0
+  with pytest.raises(config_lib.ConfigError, match="model.use_alibi=True: model.arch='full' uses "
+                     "RoPE"):
+    model_config(small_config(arch="full"))
+  with pytest.raises(config_lib.ConfigError, match=r"model.decoder_layers=\(2,\): must be "
+                     r"\(lower, group_1, ...\)"):
+    model_config(small_config(decoder_layers=(2,)))
+  assert model_config(small_config(arch="swa", decoder_layers=(2,))).arch == "swa"
+
+
+@pytest.mark.gpu
+def test_full_attention_through_cudnn_matches_xla_and_decodes():
+  """impl="pallas" in bf16 on a GPU runs cuDNN's fused causal attention: its logits match XLA's
+  softmax path, and decoding (XLA, masked cache) follows it. bf16: logits of scale ~5 differ by
+  rounding of the probabilities and the summation order, hence 5e-2."""
+  config = small_config(arch="full", use_alibi=False, init_std=0.1, d_model=128, num_heads=2,
+                        num_kv_heads=1, chunk_len=15, dtype="bfloat16")
+  config.data.seq_len = 15 * 16
+  xla = lm.make_model(model_config(config))
+  params = nn.meta.unbox(lm.init_params(xla, jax.random.key(0), 1, config.data.seq_len))
+  config.model.impl = "pallas"
+  mc = model_config(config)
+  cudnn = lm.make_model(mc)
+  tokens = random_tokens(0, 2, config.data.seq_len)
+  hlo = jax.jit(lambda p: lm.logits(cudnn, p, tokens)).lower(params).as_text()
+  assert "cudnn" in hlo, "impl='pallas' in bf16 must lower to cuDNN's attention"
+  expected = np.asarray(lm.logits(xla, params, tokens), np.float32)
+  got = np.asarray(lm.logits(cudnn, params, tokens), np.float32)
+  np.testing.assert_allclose(got, expected, rtol=0, atol=5e-2)
+  decoder = architectures.make_decoder(mc, params, max_len=config.data.seq_len, segment_len=60)
+  session = decoder.start(2)
+  hidden = [h for _, h in session.feed(np.asarray(tokens)[:, :100])]
+  hidden += [session.step(np.asarray(tokens)[:, t])[:, None] for t in range(100, 140)]
+  decoded = np.asarray(decoder.logits(jnp.concatenate(hidden, axis=1)), np.float32)
+  np.testing.assert_allclose(decoded, got[:, :140], rtol=0, atol=5e-2)
