@@ -35,7 +35,7 @@ ARCH_OVERRIDES = {
     "drt": ["model.arch=drt"],
     "swa": ["model.arch=swa"],
     "full": ["model.arch=full", "model.use_alibi=False"],
-    "landmark": ["model.arch=landmark"],
+    "landmark": ["model.arch=landmark", "model.impl=xla"],  # plain JAX: it has no Pallas kernel
 }
 
 
