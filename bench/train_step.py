@@ -6,8 +6,8 @@
       --full_seq_len 8192 --out FILE.json
 
 --archs measures each config as every architecture named (model.arch set, plus what the
-architecture needs: model.use_alibi=False for full); --full_seq_len gives full attention its own
-data.seq_len (its [T, T] attention may not fit at the others' length).
+architecture needs: model.use_alibi=False for full, model.impl=xla for landmark); --full_seq_len
+gives full attention its own data.seq_len (its [T, T] attention may not fit at the others' length).
 Batches are random token ids (no input pipeline in the timing); each step is timed to completion
 and the median over --steps steps after --warmup steps is reported. With --baseline, every
 config's step time is also given as a ratio to the baseline's.
