@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ("shared", the original's "max over heads").
   model.landmark_selection = "per_head"
   model.init_std = 0.02
-  model.impl = "xla"  # attention/GCA implementation: "xla" or "pallas"
+  model.impl = "xla"  # attention/GCA implementation: "xla" or "pallas" (landmark: "xla" only)
   model.dtype = "bfloat16"  # compute dtype; params stay float32
   model.remat = False  # rematerialise every block in the backward pass
 
