@@ -19,7 +19,7 @@ import numpy as np
 
 from kernels_pallas import gca as gca_lib
 
-# REFERENCE_DRT.md §2.9: 4 x 259 query chunks of 64 rows, 12 heads of 64, k = 8 over 260 memory
+# docs/specification.md §2.9: 4 x 259 query chunks of 64 rows, 12 heads of 64, k = 8 over 260 memory
 # chunks whose landmark row is masked (num_keys = 63) with softmax-off-by-one.
 SHAPE = dict(batch=4, chunks=259, chunk_len=64, heads=12, kv_heads=12, head_dim=64,
              mem_chunks=260, k=8)

@@ -5,7 +5,7 @@ The config is the run's own (run_config.py; `--config` starts from a file instea
 architecture is evaluated through its decoder (model/architectures.py).
 
 ppl: perplexity over windows of each length from the held-out stream, non-overlapping, or every
---stride tokens scoring only each window's last stride tokens (REFERENCE_DRT.md §7.1), or with
+--stride tokens scoring only each window's last stride tokens (docs/specification.md §7.1), or with
 --scored N the same tokens at every length: window k of every length ends at token
 max(lengths) + k N of the stream and scores its last N tokens, so the lengths differ only in the
 context before those tokens and a perplexity-against-length curve compares like with like.

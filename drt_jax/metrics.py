@@ -15,6 +15,8 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from drt_jax import run_config
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -54,16 +56,10 @@ def truncate_metrics(workdir: str, last_step: int):
     os.replace(path + ".tmp", path)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for name, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flat(value, f"{prefix}{name}."))
-    elif isinstance(value, (bool, int, float, str)):
-      flat[prefix + name] = value
-    else:
-      flat[prefix + name] = json.dumps(value, default=str)
-  return flat
+def _hparams(config: dict) -> dict:
+  """TensorBoard hparams take scalars and strings: other values (tuples, lists) as JSON."""
+  return {name: value if isinstance(value, (bool, int, float, str)) else json.dumps(value, default=str)
+          for name, value in run_config.flat(config).items()}
 
 
 class MetricWriter:
@@ -84,7 +80,7 @@ class MetricWriter:
       self._tensorboard.add_event(event_pb2.Event(
           wall_time=time.time(), step=resume_step + 1,
           session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
-    flat_config = _flat(config or {})
+    flat_config = _hparams(config or {})
     if flat_config:
       self._tensorboard.add_event(event_pb2.Event(
           wall_time=time.time(), step=resume_step,

@@ -43,14 +43,34 @@ def saved_config_path(checkpoint: str) -> str:
   return os.path.join(_run_folder(checkpoint), "config.json")
 
 
+def with_defaults(saved: dict, defaults: dict | None = None) -> dict:
+  """A saved config.json's values with every field it lacks (a field added to configs/base.py
+  after the run was written) at its default, so older run folders still load and compare."""
+  if defaults is None:
+    from configs import base
+    defaults = as_json(base.get_config())
+  out = dict(saved)
+  for name, value in defaults.items():
+    if name not in out:
+      out[name] = value
+    elif isinstance(value, dict) and isinstance(out[name], dict):
+      out[name] = with_defaults(out[name], value)
+  return out
+
+
+def read_saved(file: str) -> dict:
+  """The values of a config.json, with defaults for the fields it lacks (with_defaults)."""
+  with open(file) as f:
+    return with_defaults(json.load(f))
+
+
 def load_saved(path: str) -> ml_collections.ConfigDict:
   """A config.json file, or the one of a run folder / checkpoint path, as a ConfigDict."""
   file = path if path.endswith(".json") else saved_config_path(path)
   if not os.path.isfile(file):
     raise RunConfigError(f"{path!r}: no config.json there (train.py writes it into the run "
                          "folder); pass --config configs/<name>.py")
-  with open(file) as f:
-    values = json.load(f)
+  values = read_saved(file)
   values["model"]["decoder_layers"] = tuple(values["model"]["decoder_layers"])
   values["logical_axis_rules"] = tuple(
       (name, tuple(axes) if isinstance(axes, list) else axes)
@@ -85,11 +105,12 @@ def with_run_config(argv: list[str]) -> list[str]:
   return argv
 
 
-def _flat(values, prefix=""):
+def flat(values, prefix="") -> dict:
+  """Nested config values -> {"section.field": value}."""
   out = {}
   for name, value in values.items():
     if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{name}."))
+      out.update(flat(value, f"{prefix}{name}."))
     else:
       out[prefix + name] = value
   return out
@@ -109,9 +130,8 @@ def changes_from_run(config: ml_collections.ConfigDict, checkpoint: str,
   if not os.path.isfile(path):
     return [f"(no config.json in {os.path.dirname(path)}: the config is not checked against "
             "the run's)"]
-  with open(path) as f:
-    saved = _flat(json.load(f))
-  current = _flat(as_json(config))
+  saved = flat(read_saved(path))
+  current = flat(as_json(config))
   allowed = set(FREE_FIELDS) | set(allow_change)
   lines = []
   for name in sorted(set(saved) | set(current)):

@@ -33,6 +33,7 @@ from drt_jax import distributed
 from drt_jax import hardware
 from drt_jax import metrics as metrics_lib
 from drt_jax import preemption
+from drt_jax import run_config
 from drt_jax import run_lock
 from drt_jax import train_lib
 from drt_jax.data import pipeline
@@ -69,13 +70,12 @@ def _check_same_experiment(config, workdir, has_checkpoint: bool):
   current = {k: config.to_dict()[k] for k in _FROZEN_SECTIONS}
   current = json.loads(json.dumps(current))
   if has_checkpoint and os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    for section in _FROZEN_SECTIONS:
-      if saved.get(section) != current[section]:
+    saved = run_config.flat(run_config.read_saved(path))
+    for name, value in run_config.flat(current).items():
+      if saved.get(name) != value:
         raise config_lib.ConfigError(
-            f"{workdir} holds a run with a different {section} config ({saved.get(section)} vs "
-            f"{current[section]}); use another --workdir")
+            f"{name}={value!r}: {workdir} holds a run trained with {name}={saved.get(name)!r}; "
+            "use another --workdir")
   elif jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     # Written whole under another name, then renamed: another process may be reading it already.

@@ -1,4 +1,4 @@
-"""Grouped cross-attention (GCA) over retrieved chunks (REFERENCE_DRT.md §3.1).
+"""Grouped cross-attention (GCA) over retrieved chunks (docs/specification.md §3.1).
 
 For every query chunk and head, attend separately to each of its k retrieved memory chunks
 (softmax over that chunk's keys) and mix the k results with the retrieval weights, which all
@@ -87,7 +87,7 @@ def gca_reference(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: 
 #
 # A memory chunk is at most 128 rows, so each (query block, retrieved chunk) pair is one tile: the
 # softmax over a chunk needs no online rescaling, and the backward can recompute P and dP of a whole
-# tile and take D = rowsum(P * dP) (= rowsum(O_i * dO), REFERENCE_DRT.md §3.3) from them, which
+# tile and take D = rowsum(P * dP) (= rowsum(O_i * dO), docs/specification.md §3.3) from them, which
 # removes the separate D pass of FlashAttention-2 and any dependency between the two backward kernels.
 # The gather is fused: every kernel reads K/V rows of chunk indices[b, n, i] straight from k_mem/v_mem.
 # dK/dV use an inverted index (per memory chunk, the (query chunk, slot) pairs that retrieved it,
@@ -214,7 +214,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, w_ref, o_ref, lse_ref, *, scale, n
 
 
 def _tile_grads(q, do, k_tile, v_tile, lse, w, *, scale, num_keys):
-  """P, dS (both including the weight w) and D of one tile; see REFERENCE_DRT.md §3.3.
+  """P, dS (both including the weight w) and D of one tile; see docs/specification.md §3.3.
 
   Returns (w * P, w * dS, D) with dS = P * (dP - D), dP = dO V^T, D = rowsum(P * dP); all f32.
   """

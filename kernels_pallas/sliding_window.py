@@ -1,4 +1,4 @@
-"""Causal sliding-window attention with ALiBi (REFERENCE_DRT.md §2.3): Pallas kernels and reference.
+"""Causal sliding-window attention with ALiBi (docs/specification.md §2.3): Pallas kernels and reference.
 
 Query position i attends key positions j with i - window <= j <= i, logits scaled by `scale` and
 biased by -slope_h * (i - j) when ALiBi slopes are given.

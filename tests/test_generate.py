@@ -1,4 +1,4 @@
-"""Incremental decoding against the one-shot forward (REFERENCE_DRT.md §4); sampling; generate."""
+"""Incremental decoding against the one-shot forward (docs/specification.md §4); sampling; generate."""
 
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""The DRT forward pass against the reference semantics (REFERENCE_DRT.md §1-§2)."""
+"""The DRT forward pass against the reference semantics (docs/specification.md §1-§2)."""
 
 import flax.linen as nn
 import jax

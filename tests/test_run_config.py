@@ -43,6 +43,21 @@ def test_the_saved_config_is_the_trained_one_from_any_checkpoint_path(run):
     assert run_config.changes_from_run(config, path) == []
 
 
+def test_a_run_written_before_a_field_existed_loads_with_its_default(run, tmp_path):
+  """config.json of an older version lacks later fields: they take configs/base.py's defaults, so
+  the run still loads and compares unchanged."""
+  _, folder = run
+  with open(run_config.saved_config_path(folder)) as f:
+    values = json.load(f)
+  del values["model"]["landmark_selection"], values["data"]["text_field"]
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(values, f)
+  loaded = run_config.load_saved(str(tmp_path / "config.json"))
+  assert loaded.model.landmark_selection == "per_head" and loaded.data.text_field == "text"
+  assert run_config.flat(run_config.as_json(loaded)) == run_config.flat(
+      run_config.read_saved(run_config.saved_config_path(folder)))
+
+
 def test_every_kind_of_change_is_said_or_refused(run):
   config, folder = run
   changed = run_config.load_saved(folder)
