@@ -62,6 +62,17 @@ eval_into() {
     "${overrides[@]}" --checkpoint "$run" --out "$out" "$@"
 }
 
+# task_eval TASK RUN TRAIN_LEN LABEL: TASK at 1x .. 256x the training length (1x, 4x with TINY),
+# 50 samples over 5 depths, chunk memory on the host where the architecture keeps chunks (DRT;
+# landmark keeps its blocks on the device).
+task_eval() {
+  local task=$1 multiples=(1 4 16 64 256) memory=(--chunk_memory host)
+  [[ $tiny == 1 ]] && multiples=(1 4)
+  [[ $4 == landmark* ]] && memory=()
+  eval_into "$2" "$task" --task "$task" --lengths "$(lengths "$3" "${multiples[@]}")" \
+    --samples 50 --depths 5 --batch 10 "${memory[@]}"
+}
+
 # lengths TRAIN_LEN MULTIPLES...: "L*m1,L*m2,..."
 lengths() {
   local train_len=$1 out=

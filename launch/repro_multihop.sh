@@ -26,11 +26,6 @@ declare -A VARIANTS_ALL=(
 )
 source "$(dirname "${BASH_SOURCE[0]}")/repro_lib.sh"
 
-evaluate_run() {  # RUN TRAIN_LEN LABEL
-  local multiples=(1 4 16 64 256)
-  [[ $tiny == 1 ]] && multiples=(1 4)
-  eval_into "$1" multihop --task multihop --lengths "$(lengths "$2" "${multiples[@]}")" \
-    --samples 50 --depths 5 --batch 10 --chunk_memory host
-}
+evaluate_run() { task_eval multihop "$@"; }  # RUN TRAIN_LEN LABEL
 
 run_experiment
