@@ -365,7 +365,8 @@ def test_a_folder_without_a_checkpoint_takes_the_corrected_config(tmp_path, stra
   (workdir / "config.json").write_text(json.dumps(other.to_dict(), default=str))
   train_main.train(run_config(), str(workdir), progress=False, steps_this_run=1)
   assert sorted(os.listdir(workdir / "checkpoints")) == ["1"]
-  with pytest.raises(config_lib.ConfigError, match="model.d_model=.*holds a run trained with model.d_model=64"):
+  with pytest.raises(config_lib.ConfigError,
+                     match="model.d_model=64: .* holds a run trained with model.d_model=32"):
     train_main.train(other, str(straight[0]), progress=False)
 
 
