@@ -31,7 +31,7 @@ train: venv
 	$(PY) -m drt_jax.train --config $(CONFIG) --workdir $(WORKDIR) $(ARGS)
 
 test: venv
-	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadscope -q $(PYTEST_ARGS)
 
 # On a GPU machine (its own CUDA jax, or `pip install -e '.[cuda,dev]' -c requirements.txt`).
 test-gpu:
