@@ -43,6 +43,9 @@ from drt_jax import distributed, train as train_main, train_lib
 from tests.test_train_restarts import run_config
 
 workdir, plan = sys.argv[1], json.loads(sys.argv[2])
+# A process started with SIGINT ignored (as the test runner's workers may be) keeps it ignored:
+# Ctrl-C at a terminal raises KeyboardInterrupt, so the legs do too.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 if len(sys.argv) > 3:
   distributed.initialize(f"127.0.0.1:{sys.argv[3]}", 2, int(sys.argv[4]))
 original = train_lib.Trainer.global_batch
