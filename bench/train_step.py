@@ -91,6 +91,7 @@ def measure(path: str, overrides: list[str], steps: int, warmup: int, profile_st
   start = time.perf_counter()
   step = trainer.compile_train_step(state, batches[0])
   compile_s = time.perf_counter() - start
+  print(f"  compiled in {compile_s:.0f} s", flush=True)
   times = []
   for i in range(warmup + steps):
     start = time.perf_counter()
@@ -140,6 +141,17 @@ def measure(path: str, overrides: list[str], steps: int, warmup: int, profile_st
   }
 
 
+def write_report(out: str, results: list[dict], with_ratios: bool):
+  """The results JSON; with_ratios: the last result is the baseline every ratio is taken against."""
+  if with_ratios:
+    base = results[-1]["step_s_median"]
+    for result in results:
+      result["step_time_ratio_to_baseline"] = result["step_s_median"] / base
+  report = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "results": results}
+  with open(out, "w") as f:
+    json.dump(report, f, indent=2)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", action="append", required=True, help="config file (repeatable)")
@@ -173,17 +185,18 @@ def main():
     for path, overrides in runs:  # every config checked before anything is compiled
       load(path, overrides)
     profile_dir = args.profile_dir or os.path.dirname(os.path.abspath(args.out))
-    results = [measure(path, overrides, args.steps, args.warmup, args.profile_steps, profile_dir)
-               for path, overrides in runs]
+    results = []
+    for path, overrides in runs:
+      print(f"measuring {path} {' '.join(overrides)}", flush=True)
+      results.append(measure(path, overrides, args.steps, args.warmup, args.profile_steps,
+                             profile_dir))
+      r = results[-1]
+      # One line and a rewritten JSON per config, so a run cut short keeps what it measured.
+      print(f"measured {path} {' '.join(overrides)}: {r['step_s_median'] * 1e3:.1f} ms/step, "
+            f"compile {r['compile_s']:.0f} s", flush=True)
+      write_report(args.out, results, args.baseline is not None and len(results) == len(runs))
   except config_lib.ConfigError as error:
     raise SystemExit(f"error: {error}") from None
-  if args.baseline:
-    base = results[-1]["step_s_median"]
-    for result in results:
-      result["step_time_ratio_to_baseline"] = result["step_s_median"] / base
-  report = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "results": results}
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=2)
   print(f"{'config':28} {'arch':8} {'seq_len':>8} {'impl':6} {'batch':>5} {'step ms':>9} "
         f"{'tokens/s':>11} {'MFU':>6} {'MFU 6N':>6} {'ratio':>6}")
   for r in results:
