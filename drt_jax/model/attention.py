@@ -120,6 +120,29 @@ def grouped_cross_attention(q, k_mem, v_mem, indices, weights, *, scale: float, 
   return _per_batch_shard(kernel, (q, k_mem, v_mem, indices, weights))
 
 
+@jax.named_scope("chunk_attention")
+def chunk_attention(q, k, v, *, scale: float, impl: str):
+  """Bidirectional attention of every chunk's rows over the same chunk's rows (the chunk
+  encoder, §2.4). q, k, v [b, n, s, heads, d] -> like q; softmax in float32.
+
+  impl="pallas" runs it as FlashGCA with one slot per chunk: chunk n retrieves itself with weight
+  1, every row a key, no off-by-one, which is this softmax exactly. The kernels read q, k, v in
+  this layout and keep the logits on chip; XLA's einsums would transpose q, k, v and the output
+  to [b, n, heads, s, d] and write the float32 [b, n, heads, s, s] logits and probabilities, in
+  both passes.
+  """
+  if impl != "pallas":
+    logits = jnp.einsum("bnshd,bnthd->bnhst", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits * scale, axis=-1)
+    return jnp.einsum("bnhst,bnthd->bnshd", probs.astype(v.dtype), v)
+  batch, chunks = q.shape[:2]
+  itself = jnp.broadcast_to(jnp.arange(chunks, dtype=jnp.int32)[None, :, None], (batch, chunks, 1))
+  weight = jnp.ones((batch, chunks, 1), jnp.float32)
+  kernel = functools.partial(gca_ops.gca, scale=scale, num_keys=q.shape[2],
+                             softmax_off_by_one=False, interpret=_interpret())
+  return _per_batch_shard(kernel, (q, k, v, itself, weight))
+
+
 def _rows_by_position(ring, first):
   """ring [b, n, ...] (position p in slot p % n) -> [b, n, ...], positions first .. first + n - 1.
 

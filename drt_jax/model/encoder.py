@@ -1,15 +1,14 @@
 """The bidirectional chunk encoder: landmark keys and chunk K/V memory from the lower layers (§2.4)."""
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
 from drt_jax.config import ModelConfig
+from drt_jax.model import attention
 from drt_jax.model import layers
 
 
 class EncoderBlock(nn.Module):
-  """Pre-norm block with full attention inside a chunk and RoPE. [n, S, d_model] -> float32."""
+  """Pre-norm block with full attention inside a chunk and RoPE. [b, n, S, d_model] -> float32."""
   config: ModelConfig
 
   @nn.compact
@@ -19,9 +18,7 @@ class EncoderBlock(nn.Module):
     q = layers.apply_rope(layers.head_projection(c, c.num_heads, "q")(h), c.rope_theta)
     k = layers.apply_rope(layers.head_projection(c, c.num_heads, "k")(h), c.rope_theta)
     v = layers.head_projection(c, c.num_heads, "v")(h)
-    logits = jnp.einsum("nshd,nthd->nhst", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits * c.head_dim ** -0.5, axis=-1)
-    attended = jnp.einsum("nhst,nthd->nshd", probs.astype(v.dtype), v)
+    attended = attention.chunk_attention(q, k, v, scale=c.head_dim ** -0.5, impl=c.impl)
     x = x + layers.output_projection(c, "o")(attended)
     return x + layers.SwiGLU(c, name="mlp")(layers.RMSNorm(c.encoder_rms_eps, name="mlp_norm")(x))
 
@@ -40,13 +37,12 @@ class ChunkMemory(nn.Module):
   @nn.compact
   def __call__(self, hidden):
     c = self.config
-    batch, chunks, size, d_model = hidden.shape
-    x = layers.RMSNorm(c.rms_eps, name="enc_prenorm")(hidden.reshape(batch * chunks, size, d_model))
+    # Chunks keep their batch row ([b, n, S, d]), so the attention kernel runs per batch shard.
+    x = layers.RMSNorm(c.rms_eps, name="enc_prenorm")(hidden)
     block = nn.remat(EncoderBlock) if c.remat else EncoderBlock
     for i in range(c.encoder_layers):
       x = block(c, name=f"block_{i}")(x)
     encoded = layers.RMSNorm(c.encoder_rms_eps, name="final_norm")(x)
-    encoded = encoded.reshape(batch, chunks, size, d_model)
     k_mem = layers.head_projection(c, c.num_heads, "chunk_k")(encoded)
     v_mem = layers.head_projection(c, c.num_heads, "chunk_v")(encoded)
     return encoded[:, :, -1, :], k_mem, v_mem
