@@ -210,26 +210,28 @@ def evaluate_retrieval(decoder, builder, settings: Settings, stream, progress=Tr
     per_depth = -(-int(count) // s.depths)
     grid = np.repeat(depths, per_depth)  # sample i sits at depth grid[i]
     offsets = question_offsets(s, length, len(grid), c)
+    # Batches of one offset where possible: their prompts have one length, so they are prefilled
+    # together (generate.start prefills prompts of different lengths one by one).
+    order = np.argsort(offsets, kind="stable")
     start = time.perf_counter()
-    hits, found = [], []
+    hits, found = np.zeros(len(grid), bool), np.zeros(len(grid), bool)
     with tqdm.tqdm(total=len(grid), desc=f"{s.task} @ {length}", disable=not progress) as bar:
       for first in range(0, len(grid), s.batch):
-        batch = [sample(length, i, grid[i], offsets[i])
-                 for i in range(first, min(first + s.batch, len(grid)))]
+        ids = order[first:first + s.batch]
+        batch = [sample(length, i, grid[i], offsets[i]) for i in ids]
         answers, session = generate_lib.continue_prompts(
             decoder, [x.prompt for x in batch], answer_len, chunk_memory=s.chunk_memory,
             prompt_end_retrieval=s.prompt_end_retrieval)
-        hits += [tasks_lib.exact_match(x, a) for x, a in zip(batch, answers)]
+        hits[ids] = [tasks_lib.exact_match(x, a) for x, a in zip(batch, answers)]
         if groups:
           retrieved = [session.retrieved(g) for g in range(groups)]
           ends = ([session.prompt_end_retrieved(g) for g in range(groups)]
                   if s.prompt_end_retrieval else None)
-          found += [needle_retrieved(x, [rows[i] for rows in retrieved], c,
-                                     None if ends is None else [end[i] for end in ends])
-                    for i, x in enumerate(batch)]
-        bar.set_postfix(accuracy=f"{np.mean(hits):.3f}", refresh=False)
+          found[ids] = [needle_retrieved(x, [rows[i] for rows in retrieved], c,
+                                         None if ends is None else [end[i] for end in ends])
+                        for i, x in enumerate(batch)]
+        bar.set_postfix(accuracy=f"{hits[order[:first + len(ids)]].mean():.3f}", refresh=False)
         bar.update(len(batch))
-    hits = np.asarray(hits)
     row = {"length": length, "accuracy": float(hits.mean()), "samples": hits.size,
            "by_depth": {f"{d:g}": float(h.mean())
                         for d, h in zip(depths, hits.reshape(len(depths), per_depth))},
@@ -238,7 +240,6 @@ def evaluate_retrieval(decoder, builder, settings: Settings, stream, progress=Tr
            "needle_retrieved": None, "retrieved_by_depth": None, "retrieved_by_offset": None,
            "missed_though_retrieved": None}
     if groups:
-      found = np.asarray(found)
       row.update(needle_retrieved=float(found.mean()),
                  retrieved_by_depth={f"{d:g}": float(f.mean()) for d, f in
                                      zip(depths, found.reshape(len(depths), per_depth))},

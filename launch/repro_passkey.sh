@@ -21,11 +21,16 @@
 # Samples per length: SAMPLES_PER_OFFSET x chunk_len at up to 16x (default 10 x 63 = 630), one per
 # offset beyond (63), 5 depths.
 # GPU time, estimated (not measured) from the aligned evaluation's walls on an H100 (17 / 14 / 64 /
-# 115 s for 50 / 50 / 50 / 20 samples at 1x / 16x / 256x / 1000x, the 1x one mostly compilation):
-# about 0.3 s per sample at 16x, 1.3 s at 256x and 5.7 s at 1000x, plus up to chunk_len - 1 extra
-# token steps per prompt (a prompt ending at a chunk boundary feeds its last chunk token by token):
-# per task ~30 s at 1x, ~180 s at 16x, ~85 s at 256x and ~360 s at 1000x, i.e. ~11 min per task
-# and ~22 min for passkey and multikey, on top of the training (259 + 150 s) when run from scratch.
+# 115 s for 50 / 50 / 50 / 20 samples at 1x / 16x / 256x / 1000x in batches of 10, the 1x one
+# mostly compilation): about 0.3 s per sample at 16x, 1.3 s at 256x and 5.7 s at 1000x, plus up to
+# chunk_len - 1 extra token steps per prompt (a prompt ending at a chunk boundary feeds its last
+# chunk token by token). eval batches samples of one offset together (one prompt length), so at
+# 1x and 16x (10 per offset) the batches stay full: per task ~30 s at 1x and ~180 s at 16x. At
+# 256x and 1000x (one sample per offset) a batch holds prompts of 10 lengths, which
+# generate.start prefills one at a time: at the batched rate ~85 s and ~360 s, but batch-1
+# prefill is slower per sample by an unmeasured factor (guess 2-3x: ~4 and ~15 min). So ~11 to
+# ~20 min per task, ~22 to ~40 min for passkey and multikey (more than one session's 30 min of
+# device time: run passkey first), on top of the training (259 + 150 s) when run from scratch.
 # A command of the device is limited to 10 minutes: run it in pieces, e.g.
 #   TASKS=passkey MULTIPLES="1 16 256" launch/repro_passkey.sh offsets
 #   TASKS=passkey MULTIPLES=1000 launch/repro_passkey.sh offsets
