@@ -40,8 +40,8 @@ def setup():
   return model, params, decoder, np.asarray(random_tokens(1, 2, MAX_LEN))
 
 
-def _prefilled(decoder, prompt, end_prompt):
-  session = decoder.start(prompt.shape[0])
+def _prefilled(decoder, prompt, end_prompt, memory="device"):
+  session = decoder.start(prompt.shape[0], memory)
   return session, session.prefill(prompt, end_prompt=end_prompt)
 
 
@@ -96,6 +96,8 @@ def test_the_provisional_landmark_is_scored_like_a_real_one(setup):
   served = session.prompt_end_retrieved(0)
   for i in range(2):
     np.testing.assert_array_equal(served[i], np.where(got.valid[i], got.indices[i], -1))
+  host, _ = _prefilled(decoder, prompt, True, "host")  # chunk memory in host memory: the same
+  assert _leaves_equal(jax.tree.map(np.asarray, host.state.active), session.state.active)
   # The retrieval made at chunk 2's landmark (what served before) is another one.
   assert not np.allclose(got.weights, _active(_prefilled(decoder, prompt, False)[0], 0).weights)
 
