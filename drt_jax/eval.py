@@ -16,8 +16,9 @@ Each length also reports how often the retrieval serving the answer held the nee
 that retrieve no chunks. --question_offset places the question's end that many tokens after a
 chunk boundary (1, the default, is the layout of earlier results; `random` draws it per sample
 from the seed, `all` takes 0 .. chunk_len - 1 in turn), and each length reports accuracy by
-offset. DRT answers with prompt-end retrieval (inference.py) unless --noprompt_end_retrieval. The results JSON records the whole config, the checkpoint step and the
-code's commit; a value that is not finite (a diverged model's perplexity) is written as null.
+offset. DRT answers with prompt-end retrieval (inference.py) unless --noprompt_end_retrieval.
+The results JSON records the whole config, the checkpoint step and the code's commit; a value
+that is not finite (a diverged model's perplexity) is written as null.
 
 Writes --out (JSON) and its plots beside it: <out>_heatmap.png (accuracy by depth and length),
 <out>_accuracy.png (accuracy against length) and, with more than one question offset,
