@@ -272,3 +272,20 @@ def test_question_offset_settings():
   assert set(drawn) == set(range(C))
   other = eval_lib.question_offsets(dataclasses.replace(random, seed=1), 80, 200, C)
   assert not np.array_equal(drawn, other)
+
+
+def test_needle_retrieved_reads_the_retrieval_that_served_the_prompt_end():
+  """With a prompt-end retrieval, needle_retrieved asks whether it held the needle's chunks (the
+  landmarks' rows do not count); without one, the landmark before the prompt's last chunk."""
+  c = 15
+  builder = tasks_lib.TaskBuilder(TOKENIZER, c)
+  sample = builder.make("passkey", _haystack(0, 600), np.random.default_rng(0), 0.5, 9)
+  sample = dataclasses.replace(sample, evidence=np.arange(5) + 7 * c - 2)  # chunks 6 and 7
+  last = (sample.answer_start - 1) // c
+  assert sample.answer_start % c == 9 and last == sample.answer_start // c
+  rows = np.full((last, 2), -1)
+  rows[last - 1] = (6, 7)
+  assert eval_lib.needle_retrieved(sample, [rows], c)
+  assert not eval_lib.needle_retrieved(sample, [rows], c, prompt_end=[np.array([6, -1])])
+  assert eval_lib.needle_retrieved(sample, [np.full((last, 2), -1)], c,
+                                   prompt_end=[np.array([7, 6])])
