@@ -13,11 +13,16 @@ passkey, multikey, multihop: data/tasks.py samples in held-out text over a grid 
 depths; the model greedily decodes the answer, which must match exactly, every token (§7.2-7.4).
 Each length also reports how often the retrieval serving the answer held the needle's chunks
 (needle_retrieved): misses then read as the retriever's or the reader's; null for architectures
-that retrieve no chunks. The results JSON records the whole config, the checkpoint step and the
-code's commit; a value that is not finite (a diverged model's perplexity) is written as null.
+that retrieve no chunks. --question_offset places the question's end that many tokens after a
+chunk boundary (1, the default, is the layout of earlier results; `random` draws it per sample
+from the seed, `all` takes 0 .. chunk_len - 1 in turn), and each length reports accuracy by
+offset. DRT answers with prompt-end retrieval (inference.py) unless --noprompt_end_retrieval.
+The results JSON records the whole config, the checkpoint step and the code's commit; a value
+that is not finite (a diverged model's perplexity) is written as null.
 
-Writes --out (JSON) and its plots beside it: <out>_heatmap.png (accuracy by depth and length) and
-<out>_accuracy.png (accuracy against length), or <out>_perplexity.png. Every input is checked
+Writes --out (JSON) and its plots beside it: <out>_heatmap.png (accuracy by depth and length),
+<out>_accuracy.png (accuracy against length) and, with more than one question offset,
+<out>_offset.png (accuracy by offset), or <out>_perplexity.png. Every input is checked
 before anything runs, and the files appear only once everything has run.
 """
 
@@ -67,6 +72,9 @@ def _define_flags():
                        "of each window, the same tokens of the stream at every length.")
   flags.DEFINE_integer("batch", 8, "Sequences decoded together.")
   flags.DEFINE_integer("seed", 0, "Seed of the samples (haystack offsets, values, needles).")
+  flags.DEFINE_string("question_offset", "1", "Tasks: where the question ends, in tokens after "
+                      "a chunk boundary: an integer in 0 .. model.chunk_len - 1 (1: the aligned "
+                      "layout), 'random' (per sample, from --seed) or 'all' (each in turn).")
 
 
 class EvalError(ValueError):
@@ -90,6 +98,8 @@ class Settings:
   segment_len: int | None = None
   chunk_memory: str = "device"
   seed: int = 0
+  question_offset: int | str = 1  # 0 .. chunk_len - 1, "random" or "all" (tasks)
+  prompt_end_retrieval: bool = True  # generate.continue_prompts' (tasks)
 
 
 def parse_counts(text, flag: str = "--lengths") -> tuple[int, ...]:
@@ -101,12 +111,44 @@ def parse_counts(text, flag: str = "--lengths") -> tuple[int, ...]:
   return tuple(int(p) for p in parts)
 
 
+QUESTION_OFFSETS = ("random", "all")
+
+
+def parse_question_offset(text) -> int | str:
+  """"5" -> 5, "random" / "all" as they are; the range is check()'s (it needs chunk_len)."""
+  text = str(text).strip()
+  if text in QUESTION_OFFSETS:
+    return text
+  if text.isdigit():
+    return int(text)
+  raise EvalError(f"--question_offset={text!r}: must be an integer in 0 .. model.chunk_len - 1, "
+                  "'random' or 'all'")
+
+
+def question_offsets(settings: Settings, length: int, count: int, chunk_len: int) -> np.ndarray:
+  """The question offset of each of the `count` samples of `length`: int [count]."""
+  s = settings
+  if s.question_offset == "all":
+    return np.arange(count) % chunk_len
+  if s.question_offset == "random":  # a generator of its own: the samples' draws stay the same
+    return np.array([np.random.default_rng([s.seed, length, i, 1]).integers(chunk_len)
+                     for i in range(count)])
+  return np.full(count, int(s.question_offset))
+
+
 def check(settings: Settings, config: ml_collections.ConfigDict, stream_len: int,
           builder: tasks_lib.TaskBuilder | None):
   """Raises EvalError (or DataError) naming the first setting that cannot work."""
   s = settings
   if s.task not in TASKS:
     raise EvalError(f"--task={s.task!r}: must be one of {', '.join(TASKS)}")
+  c = config.model.chunk_len
+  if s.question_offset not in QUESTION_OFFSETS and not (
+      isinstance(s.question_offset, int) and 0 <= s.question_offset < c):
+    raise EvalError(f"--question_offset={s.question_offset!r}: must be an integer in 0 .. "
+                    f"{c - 1} (model.chunk_len={c}), 'random' or 'all'")
+  if not isinstance(s.prompt_end_retrieval, bool):
+    raise EvalError(f"--prompt_end_retrieval={s.prompt_end_retrieval!r}: must be true or false")
   for name in ("depths", "windows", "batch"):
     if getattr(s, name) < 1:
       raise EvalError(f"--{name}={getattr(s, name)}: must be a positive integer")
@@ -146,61 +188,85 @@ def evaluate_retrieval(decoder, builder, settings: Settings, stream, progress=Tr
   """Accuracy per length and depth of greedily decoded answers (exact match of the whole answer).
 
   Sample i of a length draws its haystack offset, values and needle places from
-  np.random.default_rng([seed, length, i]); haystacks longer than the stream repeat it.
+  np.random.default_rng([seed, length, i]); haystacks longer than the stream repeat it. Its
+  question offset (question_offsets) does not change those draws.
   """
   s = settings
+  c = decoder.config.chunk_len
   depths = np.linspace(0.0, 1.0, s.depths)
   answer_len = builder.answer_len(s.task)
   groups = decoder.retrieval_groups  # 0: no needle_retrieved
 
-  def sample(length, i, depth):
+  def sample(length, i, depth, question_offset):
     rng = np.random.default_rng([s.seed, length, i])
     offset = int(rng.integers(len(stream)))
     haystack = np.take(stream, np.arange(offset, offset + length), mode="wrap")
-    return builder.make(s.task, haystack, rng, float(depth))
+    return builder.make(s.task, haystack, rng, float(depth), int(question_offset))
+
+  def by_offset(values):
+    return {str(o): float(values[offsets == o].mean()) for o in np.unique(offsets)}
 
   results = []
   for length, count in zip(s.lengths, np.broadcast_to(s.samples, len(s.lengths))):
     per_depth = -(-int(count) // s.depths)
     grid = np.repeat(depths, per_depth)  # sample i sits at depth grid[i]
+    offsets = question_offsets(s, length, len(grid), c)
+    # Batches of one offset where possible: their prompts have one length, so they are prefilled
+    # together (generate.start prefills prompts of different lengths one by one).
+    order = np.argsort(offsets, kind="stable")
     start = time.perf_counter()
-    hits, found = [], []
+    hits, found = np.zeros(len(grid), bool), np.zeros(len(grid), bool)
     with tqdm.tqdm(total=len(grid), desc=f"{s.task} @ {length}", disable=not progress) as bar:
       for first in range(0, len(grid), s.batch):
-        batch = [sample(length, i, grid[i]) for i in range(first, min(first + s.batch, len(grid)))]
+        ids = order[first:first + s.batch]
+        batch = [sample(length, i, grid[i], offsets[i]) for i in ids]
         answers, session = generate_lib.continue_prompts(
-            decoder, [x.prompt for x in batch], answer_len, chunk_memory=s.chunk_memory)
-        hits += [tasks_lib.exact_match(x, a) for x, a in zip(batch, answers)]
+            decoder, [x.prompt for x in batch], answer_len, chunk_memory=s.chunk_memory,
+            prompt_end_retrieval=s.prompt_end_retrieval)
+        hits[ids] = [tasks_lib.exact_match(x, a) for x, a in zip(batch, answers)]
         if groups:
           retrieved = [session.retrieved(g) for g in range(groups)]
-          found += [needle_retrieved(x, [rows[i] for rows in retrieved], decoder.config.chunk_len)
-                    for i, x in enumerate(batch)]
-        bar.set_postfix(accuracy=f"{np.mean(hits):.3f}", refresh=False)
+          ends = ([session.prompt_end_retrieved(g) for g in range(groups)]
+                  if s.prompt_end_retrieval else None)
+          found[ids] = [needle_retrieved(x, [rows[i] for rows in retrieved], c,
+                                         None if ends is None else [end[i] for end in ends])
+                        for i, x in enumerate(batch)]
+        bar.set_postfix(accuracy=f"{hits[order[:first + len(ids)]].mean():.3f}", refresh=False)
         bar.update(len(batch))
-    hits = np.asarray(hits).reshape(len(depths), per_depth)
     row = {"length": length, "accuracy": float(hits.mean()), "samples": hits.size,
-           "by_depth": {f"{d:g}": float(h.mean()) for d, h in zip(depths, hits)},
-           "needle_retrieved": None, "retrieved_by_depth": None, "missed_though_retrieved": None}
+           "by_depth": {f"{d:g}": float(h.mean())
+                        for d, h in zip(depths, hits.reshape(len(depths), per_depth))},
+           "by_offset": by_offset(hits),
+           "offset_samples": {str(o): int((offsets == o).sum()) for o in np.unique(offsets)},
+           "needle_retrieved": None, "retrieved_by_depth": None, "retrieved_by_offset": None,
+           "missed_though_retrieved": None}
     if groups:
-      found = np.asarray(found).reshape(len(depths), per_depth)
       row.update(needle_retrieved=float(found.mean()),
-                 retrieved_by_depth={f"{d:g}": float(f.mean()) for d, f in zip(depths, found)},
+                 retrieved_by_depth={f"{d:g}": float(f.mean()) for d, f in
+                                     zip(depths, found.reshape(len(depths), per_depth))},
+                 retrieved_by_offset=by_offset(found),
                  missed_though_retrieved=int((found & ~hits).sum()))
     results.append(row | {"wall_s": time.perf_counter() - start})
   return results
 
 
-def needle_retrieved(sample: tasks_lib.Sample, retrieved, chunk_len: int) -> bool:
-  """Whether the retrieval serving the answer's chunk held every chunk of the answer's values.
+def needle_retrieved(sample: tasks_lib.Sample, retrieved, chunk_len: int,
+                     prompt_end=None) -> bool:
+  """Whether the retrieval serving the first answer token held every chunk of the answer's
+  values.
 
   retrieved: per group, int [chunks, K] of the sample's sequence (Session.retrieved); row j is
-  what chunk j's landmark retrieved, which serves chunk j + 1. Chunks the answer chunk's own
-  predecessor covers (it and the answer chunk are not retrievable there) count as held: the
-  sliding window sees them. Any group's retrieval counts: each group's GCA reads its own.
+  what chunk j's landmark retrieved, which serves chunk j + 1. prompt_end: per group, int [K]
+  (Session.prompt_end_retrieved), the retrieval that served the prompt's end, or None when
+  decoding used none (then the landmark before the chunk of the prompt's last token served).
+  That chunk and the one before it count as held: the sliding window sees them (and neither
+  is retrievable there). Any group's retrieval counts: each group's GCA reads its own.
   """
-  serving = sample.answer_start // chunk_len - 1
-  needed = set((sample.evidence // chunk_len).tolist()) - {serving, serving + 1}
-  held = set(np.concatenate([rows[serving] for rows in retrieved]).tolist())
+  last = (sample.answer_start - 1) // chunk_len  # the chunk of the prompt's last token
+  needed = set((sample.evidence // chunk_len).tolist()) - {last - 1, last}
+  if prompt_end is None:
+    prompt_end = [rows[last - 1] if last else rows[:0].reshape(-1) for rows in retrieved]
+  held = set(np.concatenate(prompt_end).tolist())
   return needed <= held
 
 
@@ -312,6 +378,8 @@ def plot(results: dict, out: str) -> dict:
            ylabel="fraction of samples",
            title=f"{results['task']}, trained on {results['train_len']} tokens")
     figures[base + "_accuracy.png"] = fig
+    if any(len(r.get("by_offset", {})) > 1 for r in rows):
+      figures[base + "_offset.png"] = plotting.offset_figure(results)
   return figures
 
 
@@ -381,7 +449,9 @@ def main(argv):
         samples=parse_counts(f.samples, "--samples"),
         depths=f.depths, digits=f.digits, windows=f.windows, stride=f.stride, scored=f.scored,
         batch=f.batch,
-        max_len=f.max_len, segment_len=f.segment_len, chunk_memory=f.chunk_memory, seed=f.seed)
+        max_len=f.max_len, segment_len=f.segment_len, chunk_memory=f.chunk_memory, seed=f.seed,
+        question_offset=parse_question_offset(f.question_offset),
+        prompt_end_retrieval=f.prompt_end_retrieval)
     results = run(f.config, f.checkpoint, settings, allow_change=f.allow_change)
   except generate_lib.ERRORS + (EvalError,) as error:
     raise SystemExit(f"error: {error}") from None

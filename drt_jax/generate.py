@@ -50,6 +50,10 @@ def define_session_flags(max_len_help: str):
                        "the training length).")
   flags.DEFINE_enum("chunk_memory", "device", list(inference.CHUNK_MEMORIES),
                     "Where the chunk K/V memory lives ('host' for long contexts).")
+  flags.DEFINE_bool("prompt_end_retrieval", True, "DRT: answer with a retrieval made after the "
+                    "prompt's last token (inference.py, 'Prompt-end retrieval'); "
+                    "--noprompt_end_retrieval: with the one serving the last token's chunk, as "
+                    "the one-shot forward does. Other architectures ignore it.")
 
 
 def _define_flags():
@@ -112,37 +116,50 @@ def check_sampling(max_new_tokens, temperature, top_k, vocab_size: int | None = 
                                "(0 = all tokens)")
 
 
-def start(decoder: inference.Decoder, prompts: Sequence[np.ndarray], chunk_memory: str):
+def start(decoder: inference.Decoder, prompts: Sequence[np.ndarray], chunk_memory: str,
+          prompt_end_retrieval: bool = True):
   """Prefills each prompt (1-D int, any lengths) -> (session, last hidden state [b, d]).
 
   Prompts of one length are prefilled as a batch; otherwise one by one, then joined (decoding
-  takes sequences at different positions).
+  takes sequences at different positions). prompt_end_retrieval: Session.prefill's end_prompt.
   """
   if len({len(p) for p in prompts}) == 1:
     session = decoder.start(len(prompts), chunk_memory)
-    return session, session.prefill(np.stack(prompts))
+    return session, session.prefill(np.stack(prompts), end_prompt=prompt_end_retrieval)
   sessions = [decoder.start(1, chunk_memory) for _ in prompts]
-  last = [s.prefill(p[None]) for s, p in zip(sessions, prompts)]
+  last = [s.prefill(p[None], end_prompt=prompt_end_retrieval) for s, p in zip(sessions, prompts)]
   return decoder.concatenate(sessions), jnp.concatenate(last)
 
 
 def generate(decoder: inference.Decoder, prompts: Sequence, max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-             chunk_memory: str = "device") -> np.ndarray:
-  """Continues every prompt by max_new_tokens tokens -> int32 [len(prompts), max_new_tokens]."""
+             chunk_memory: str = "device", prompt_end_retrieval: bool = True) -> np.ndarray:
+  """Continues every prompt by max_new_tokens tokens -> int32 [len(prompts), max_new_tokens].
+
+  prompt_end_retrieval (default on): DRT retrieves again where a prompt ends inside a chunk
+  (inference.py, "Prompt-end retrieval"); off, the tokens are those of the one-shot forward.
+  """
   return continue_prompts(decoder, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                          seed=seed, chunk_memory=chunk_memory)[0]
+                          seed=seed, chunk_memory=chunk_memory,
+                          prompt_end_retrieval=prompt_end_retrieval)[0]
+
+
+def check_prompt_end_retrieval(value):
+  if not isinstance(value, bool):
+    raise inference.InputError(f"prompt_end_retrieval={value!r}: must be True or False")
 
 
 def continue_prompts(decoder: inference.Decoder, prompts: Sequence, max_new_tokens: int, *,
                      temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-                     chunk_memory: str = "device") -> tuple[np.ndarray, inference.Session]:
+                     chunk_memory: str = "device", prompt_end_retrieval: bool = True
+                     ) -> tuple[np.ndarray, inference.Session]:
   """generate, also returning the session (e.g. for the chunks each landmark retrieved); its
   last generated token has not been fed."""
   prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
   if not prompts:
     raise inference.InputError("no prompts")
   check_sampling(max_new_tokens, temperature, top_k, decoder.config.vocab_size)
+  check_prompt_end_retrieval(prompt_end_retrieval)
   for i, prompt in enumerate(prompts):
     if len(prompt) == 0:
       raise inference.InputError(f"prompt {i} is empty")
@@ -150,7 +167,7 @@ def continue_prompts(decoder: inference.Decoder, prompts: Sequence, max_new_toke
       raise inference.InputError(
           f"prompt {i} has {len(prompt)} tokens: with max_new_tokens={max_new_tokens} longer "
           f"than max_len={decoder.max_len}")
-  session, hidden = start(decoder, prompts, chunk_memory)
+  session, hidden = start(decoder, prompts, chunk_memory, prompt_end_retrieval)
   rng = jax.random.key(seed)
   tokens = []
   for i in range(max_new_tokens):
@@ -179,7 +196,8 @@ def main(argv):
     decoder = architectures.make_decoder(model_config, params, max_len=f.max_len or longest,
                                          segment_len=f.segment_len or f.config.data.seq_len)
     outputs = generate(decoder, prompts, f.max_new_tokens, temperature=f.temperature,
-                       top_k=f.top_k, seed=f.seed, chunk_memory=f.chunk_memory)
+                       top_k=f.top_k, seed=f.seed, chunk_memory=f.chunk_memory,
+                       prompt_end_retrieval=f.prompt_end_retrieval)
   except ERRORS as error:
     raise SystemExit(f"error: {error}") from None
   for text, output in zip(f.prompt, outputs):

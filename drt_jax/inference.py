@@ -4,9 +4,9 @@ equal to the one-shot forward (docs/design.md).
 Decoder and Session are the interface (model/architectures.py builds an architecture's decoder):
   decoder.start(batch, chunk_memory) -> Session; decoder.logits(hidden [..., d]) -> [..., vocab];
   decoder.concatenate(sessions) -> one Session; decoder.retrieval_groups.
-  session.feed(tokens [b, n]) -> iterator of (offset, hidden [b, m, d]); session.prefill(tokens)
-  -> [b, d]; session.step(tokens [b]) -> [b, d]; session.lengths (int [b]);
-  session.retrieved(group) (architectures that retrieve).
+  session.feed(tokens [b, n]) -> iterator of (offset, hidden [b, m, d]); session.prefill(tokens,
+  end_prompt=False) -> [b, d]; session.step(tokens [b]) -> [b, d]; session.lengths (int [b]);
+  session.retrieved(group) and session.prompt_end_retrieved(group) (architectures that retrieve).
 Tokens go in as segments of whole model.chunk_len chunks (batch mode over the cached history) from
 a chunk boundary, or one at a time; either way the hidden state of every token equals the one-shot
 forward's. Subclasses provide the segment and the token step.
@@ -32,6 +32,18 @@ per block, retrieval.merge_top_k); a prefill segment copies the K/V of the chunk
 So with host memory no device array grows with the context.
 The retrieval computed at a segment's last landmark serves the next segment's first chunk; a
 chunk's landmark is processed right after its last token.
+
+Prompt-end retrieval (prefill(..., end_prompt=True); docs/design.md, "Prompt-end retrieval"): a
+prompt that ends inside a chunk would be answered with the retrieval made at the previous
+chunk's landmark, before the end of the prompt was read. So every group retrieves again from a
+provisional landmark row after the last prompt token, run through the layers and scored exactly
+as that chunk's own landmark would be at this place (query chunk = the partial chunk, candidates
+the complete chunks before it), and that retrieval serves the rest of the chunk, starting with
+the prediction of the first generated token: the last prompt token's hidden state is computed
+again under it. Nothing of the provisional row or of that second pass is kept: the caches and the
+chunk store are those of feeding the prompt alone. A prompt that ends at a chunk boundary is
+served by the landmark that closed its last chunk, which has read all of it. The chunk's real
+landmark then retrieves as always.
 """
 
 import functools
@@ -124,6 +136,14 @@ class Session:
     raise InputError(f"model.arch={self.decoder.config.arch!r} retrieves no chunks "
                      f"(retrieval group {group} asked for)")
 
+  def prompt_end_retrieved(self, group: int) -> list[np.ndarray | None]:
+    """Per sequence, int [K]: the chunk ids of the retrieval of `group` that served the last
+    prompt end (prefill(..., end_prompt=True)): the provisional landmark's when the prompt ended
+    inside a chunk, else the retrieval made at the landmark closing its last chunk; -1 in empty
+    slots; None where no prompt end was marked."""
+    raise InputError(f"model.arch={self.decoder.config.arch!r} retrieves no chunks "
+                     f"(retrieval group {group} asked for)")
+
   def feed(self, tokens) -> Iterator[tuple[int, jax.Array]]:
     """Feeds int [batch, n] tokens, every sequence at the same length.
 
@@ -131,6 +151,10 @@ class Session:
     tokens offset .. offset + m - 1 of this call (row t predicts token t + 1), piece by piece;
     nothing is fed beyond what has been iterated. Inputs are checked at the call.
     """
+    tokens = self._check_feed(tokens)
+    return self._pieces(tokens)
+
+  def _check_feed(self, tokens):
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[0] != self.batch:
       raise InputError(f"tokens of shape {tokens.shape}: expected [batch={self.batch}, length]")
@@ -140,10 +164,18 @@ class Session:
       raise InputError(f"sequences hold {sorted(set(self.lengths.tolist()))} tokens: feed needs "
                        "them all at one length (use step)")
     self._check_room(tokens.shape[1])
-    return self._pieces(tokens)
+    return tokens
 
-  def prefill(self, tokens):
-    """Feeds tokens (see feed); returns the hidden state of the last one, [batch, d]."""
+  def prefill(self, tokens, *, end_prompt: bool = False):
+    """Feeds tokens (see feed); returns the hidden state of the last one, [batch, d].
+
+    end_prompt: the tokens end a prompt and generation follows. An architecture that retrieves
+    once per chunk (DRT) then retrieves again from the prompt's end for the rest of its chunk,
+    and the hidden state returned is the last token's under that retrieval (module docstring);
+    the others (swa, full, and landmark, whose every row retrieves for itself) ignore it.
+    """
+    if end_prompt:
+      return self._prefill_prompt(self._check_feed(tokens))
     for _, hidden in self.feed(tokens):
       last = hidden[:, -1]
       # Dropped before the next piece is dispatched: a whole segment's hidden states kept alive
@@ -158,6 +190,9 @@ class Session:
       raise InputError(f"tokens of shape {tokens.shape}: expected [batch={self.batch}]")
     self._check_room(1)
     return self._step(tokens)
+
+  def _prefill_prompt(self, tokens):
+    return self.prefill(tokens)
 
   def _check_room(self, n: int):
     longest = int(self.lengths.max()) + n
@@ -450,8 +485,7 @@ def _stacked(keys, k, v):
   return keys, jnp.stack([k, v], axis=3)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _token_step(config: ModelConfig, params, state: DecodeState, tokens):
+def _token_rows(config: ModelConfig, params, state: DecodeState, tokens):
   """One token per sequence (int [b]) -> (hidden [b, d], state). The landmark that follows a
   chunk's last token is landmark_step's."""
   batch = tokens.shape[0]
@@ -470,15 +504,52 @@ def _token_step(config: ModelConfig, params, state: DecodeState, tokens):
                                chunk_rows=chunk_rows)
 
 
+_token_step = jax.jit(_token_rows, static_argnums=0, donate_argnums=2)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _token_hidden(config: ModelConfig, params, state: DecodeState, tokens):
+  """_token_step's hidden state [b, d] alone; `state` is not consumed (prompt-end retrieval
+  computes the last prompt token again from the state before it)."""
+  return _token_rows(config, params, state, tokens)[0]
+
+
+def _landmark_queries(m: DRT, config: ModelConfig, state: DecodeState, x):
+  """Every group's landmark query float32 [b, G, d] for landmark rows x [b, 1, d] (the lower
+  layers' output), running them through the upper layers (writing their caches). The landmark
+  row is served by the active retrieval, as in training the landmark row of a chunk is served by
+  the retrieval serving that chunk, so every group's query depends on that one alone."""
+  queries = []
+  for g in range(config.num_groups):
+    queries.append(m.retrieval_queries(g, x))
+    x = m.upper_layers(g, x, *_unstack(state.active_kv[:, g]), _active_slots(state.active, g))
+  return jnp.concatenate(queries, axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prompt_end_queries(config: ModelConfig, params, state: DecodeState):
+  """Every group's query float32 [b, G, d] of a provisional landmark row after each sequence's
+  last row: it runs exactly as _landmark_step runs a real landmark (its lower layers attend to
+  the window, the partial chunk included; the upper layers are served by the active
+  retrieval), against a copy of the caches that is dropped, so nothing of it is kept."""
+  batch = state.position.shape[0]
+
+  def run(m):
+    return _landmark_queries(m, config, state, m.lower_layers(m.landmark_row(batch)))
+
+  queries, _ = _drt(config, "step").apply({"params": params, "cache": state.cache}, method=run,
+                                          mutable=["cache"])
+  return queries
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def _landmark_step(config: ModelConfig, params, state: DecodeState, closes):
   """The landmark row of the sequences where closes (bool [b]); the others are unchanged.
 
-  Encodes the finished chunk and computes each group's landmark query. The landmark row itself
-  is still served by the previous retrieval, as in training, so every group's query depends on
-  that one alone and all come out of this step. Returns (state, queries float32 [b, G, d], the
-  chunk's landmark key float32 [b, 1, d] and K/V [b, 1, S, 2, heads, head_dim]); the caller
-  retrieves and refreshes active and active_kv.
+  Encodes the finished chunk and computes each group's landmark query (_landmark_queries), so
+  all come out of this step. Returns (state, queries float32 [b, G, d], the chunk's landmark key
+  float32 [b, 1, d] and K/V [b, 1, S, 2, heads, head_dim]); the caller retrieves and refreshes
+  active and active_kv.
   """
   batch = closes.shape[0]
 
@@ -486,11 +557,7 @@ def _landmark_step(config: ModelConfig, params, state: DecodeState, closes):
     x = m.lower_layers(m.landmark_row(batch))
     chunk_rows = state.chunk_rows.at[:, -1].set(x[:, 0])
     keys, kv = _stacked(*m.encode(chunk_rows[:, None]))
-    queries = []
-    for g in range(config.num_groups):
-      queries.append(m.retrieval_queries(g, x))
-      x = m.upper_layers(g, x, *_unstack(state.active_kv[:, g]), _active_slots(state.active, g))
-    return chunk_rows, jnp.concatenate(queries, axis=1), keys, kv
+    return chunk_rows, _landmark_queries(m, config, state, x), keys, kv
 
   (chunk_rows, queries, keys, kv), variables = _drt(config, "step").apply(
       {"params": params, "cache": state.cache}, method=run, mutable=["cache"])
@@ -566,6 +633,8 @@ class DRTSession(Session):
     self.store = decoder.new_store(batch, chunk_memory)
     # Per group and sequence: chunk ids each landmark retrieved (-1 = empty slot), in order.
     self._retrieved = [[[] for _ in range(batch)] for _ in range(decoder.config.num_groups)]
+    # Per group and sequence: the retrieval serving the last prompt end (None: none marked).
+    self._prompt_end = [[None] * batch for _ in range(decoder.config.num_groups)]
 
   @classmethod
   def concatenate(cls, sessions: Sequence["DRTSession"]) -> "DRTSession":
@@ -578,12 +647,49 @@ class DRTSession(Session):
     merged.store.concatenate([s.store for s in rest])
     merged._retrieved = [sum((s._retrieved[g] for s in sessions), [])
                          for g in range(first.decoder.config.num_groups)]
+    merged._prompt_end = [sum((s._prompt_end[g] for s in sessions), [])
+                          for g in range(first.decoder.config.num_groups)]
     return merged
 
   def retrieved(self, group: int) -> list[np.ndarray]:
     k = self.decoder.topk
     return [np.concatenate(rows) if rows else np.zeros((0, k), np.int64)
             for rows in self._retrieved[group]]
+
+  def prompt_end_retrieved(self, group: int) -> list[np.ndarray | None]:
+    return list(self._prompt_end[group])
+
+  def _prefill_prompt(self, tokens):
+    """prefill(tokens, end_prompt=True) (module docstring): the prompt but its last token as
+    feed would take it, then the last token as a step, from a copy of the state before it."""
+    if tokens.shape[1] > 1:
+      self.prefill(tokens[:, :-1])
+    last = jnp.asarray(tokens[:, -1], jnp.int32)
+    # A copy: the step consumes (donates) the state it is given.
+    before = jax.tree.map(lambda x: x.copy(), self.state)
+    self.step(last)  # and the landmark after it when it closes a chunk
+    d, c = self.decoder, self.decoder.config
+    inside = self.lengths % c.chunk_len != 0
+    if inside.any():
+      # The partial chunk is not in the store: its provisional landmark scores the complete
+      # chunks before it, as its real landmark will (query chunk = the partial chunk).
+      queries = _prompt_end_queries(c, d.params, self.state)
+      chunk = np.where(inside, self.lengths // c.chunk_len, 0)  # chunk 0 reads no key block
+      selected = self._retrieve(queries, np.repeat(chunk[:, None], c.num_groups, axis=1),
+                                np.arange(c.num_groups))
+      active = _where_rows(jnp.asarray(inside), selected, self.state.active)
+      kv = self.store.gather(np.asarray(active.indices).reshape(self.batch, -1))
+      self.state = self.state.replace(active=active,
+                                      active_kv=kv.reshape(self.state.active_kv.shape))
+    served = np.where(np.asarray(self.state.active.valid), np.asarray(self.state.active.indices),
+                      -1)
+    for g in range(c.num_groups):
+      for i in range(self.batch):
+        self._prompt_end[g][i] = served[i, g]
+    # The last prompt token again, under the retrieval now serving: its hidden state predicts the
+    # first generated token. Only that is kept; its keys and values stay those of the step above.
+    return _token_hidden(c, d.params, before.replace(active=self.state.active,
+                                                     active_kv=self.state.active_kv), last)
 
   def _step(self, tokens):
     d = self.decoder

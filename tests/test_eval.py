@@ -56,11 +56,13 @@ def test_copying_model_scores_all_and_a_guessing_one_nothing(monkeypatch, tmp_pa
   rng = np.random.default_rng(0)
 
   def retrieving(prompts, everything):
-    """A session whose every landmark retrieved all earlier chunks, or nothing."""
+    """A session whose every landmark and prompt end retrieved all earlier chunks, or nothing."""
     chunks = len(prompts[0]) // builder.chunk_len
     rows = np.where(everything, np.arange(chunks)[None, :], -1)
     rows = np.where(rows < np.arange(chunks)[:, None], rows, -1)  # [landmark, chunks before it]
-    return types.SimpleNamespace(retrieved=lambda group: [rows] * len(prompts))
+    end = np.where(everything, np.arange(chunks), -1)
+    return types.SimpleNamespace(retrieved=lambda group: [rows] * len(prompts),
+                                 prompt_end_retrieved=lambda group: [end] * len(prompts))
 
   def copying(decoder, prompts, max_new, **_):
     answers = np.stack([copy_the_needle(task, p)[:max_new] for p in prompts])

@@ -173,13 +173,15 @@ def test_feed_holds_no_earlier_piece_once_the_next_is_out(setup):
 
 def test_ragged_batch_generation_follows_the_forward(setup):
   """Prompts of different lengths, joined; host memory in key blocks of 2 chunks, so blocks that
-  one sequence has filled are read while the other still writes to them."""
+  one sequence has filled are read while the other still writes to them. Without prompt-end
+  retrieval (tests/test_prompt_end.py has it), generation is the one-shot forward's."""
   model, params, decoder = setup
   decoder = inference.DRTDecoder(decoder.config, params, max_len=decoder.max_len,
                                  segment_len=SEGMENT, key_block=2)
   prompts = [np.asarray(random_tokens(seed, 1, n))[0] for seed, n in ((3, 3), (4, 6))]
   new = 12  # both cross chunk boundaries at different steps
-  generated = generate_lib.generate(decoder, prompts, new, chunk_memory="host")
+  generated = generate_lib.generate(decoder, prompts, new, chunk_memory="host",
+                                    prompt_end_retrieval=False)
   for prompt, row in zip(prompts, generated):
     sequence = np.concatenate([prompt, row])
     padded = np.pad(sequence, (0, -len(sequence) % 7))[None]

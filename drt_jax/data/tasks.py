@@ -9,6 +9,9 @@ The question ends at index 0 of the answer chunk and the A answer tokens fill it
 performs the retrieval serving the whole answer chunk: every answer token, the first included, is
 predicted with question-driven retrieval. The reference aligned to a fixed 64 and scored one
 token (§8 items 20-21); here the alignment follows c and the whole answer must match.
+That layout is question offset 1: the prompt (everything before the answer) ends 1 token after a
+chunk boundary. make(..., question_offset=o) ends it o tokens after one (answer_start % c == o,
+0 <= o < c), as a user's prompt ends anywhere; the answer may then run into the next chunk.
 Needles, question and answer overwrite haystack tokens (the length stays T); the tail after the
 answer (< c tokens) is the haystack's own text, so a training sample needs no loss mask.
 
@@ -44,7 +47,7 @@ _NAME_LETTERS = 5  # vartrack: letters of a variable name (RULER's)
 class Sample:
   """One task sample: haystack with needles, question and answer, as token ids."""
   tokens: np.ndarray  # int32 [T]
-  answer_start: int  # index of the first answer token; answer_start % chunk_len == 1
+  answer_start: int  # index of the first answer token; answer_start % chunk_len: the offset
   answer: np.ndarray  # int32 [A]
   needle_start: int  # index of the first token of the needle holding (the start of) the answer
   depth: float  # the depth asked for: 0 = haystack start, 1 = just before the question
@@ -118,15 +121,22 @@ class TaskBuilder:
     needles, question, _, _ = self._pieces(task, np.random.default_rng(0))
     return sum(len(n) for n in needles) + len(question) + self.chunk_len + self.answer_len(task)
 
-  def make(self, task: str, haystack, rng: np.random.Generator, depth: float) -> Sample:
+  def make(self, task: str, haystack, rng: np.random.Generator, depth: float,
+           question_offset: int = 1) -> Sample:
     """A sample of len(haystack) tokens; the needle answering the question sits at `depth`
-    (0 = start, 1 = just before the question) and any others at random free places."""
+    (0 = start, 1 = just before the question) and any others at random free places. The
+    question ends question_offset tokens after a chunk boundary (0 .. chunk_len - 1; 1 is the
+    aligned layout above), as late as the answer fits; the other choices do not depend on it."""
     tokens = np.array(haystack, np.int32)
     self.check(task, len(tokens))
+    c = self.chunk_len
+    if not (isinstance(question_offset, (int, np.integer)) and 0 <= question_offset < c):
+      raise DataError(f"question_offset={question_offset!r}: must be an integer in 0 .. "
+                      f"{c - 1} (model.chunk_len={c})")
     length = len(tokens)
     needles, question, answer, values = self._pieces(task, rng)
-    c = self.chunk_len
-    answer_start = (length - len(answer) - 1) // c * c + 1
+    # The last start <= length - A that is question_offset after a chunk boundary.
+    answer_start = (length - len(answer) - question_offset) // c * c + question_offset
     question_start = answer_start - len(question)
     starts = self._place([len(n) for n in needles], question_start, depth, rng)
     for start, needle in zip(starts, needles):

@@ -16,9 +16,11 @@ baselines.py: swa and full). An Architecture provides:
   decoder(config, params, *, max_len, segment_len, **options) -> inference.Decoder
       Incremental decoding (inference.py documents Decoder and Session): `.start(batch,
       chunk_memory)` -> a Session with `feed(tokens)` (iterator of (offset, hidden [b, m, d])),
-      `prefill(tokens)` -> [b, d], `step(tokens)` -> [b, d], `lengths` (int [b]) and
-      `retrieved(group)`; `decoder.logits(hidden)` -> float32 [..., vocab]. For any prompt
-      length, the hidden states equal the one-shot forward's.
+      `prefill(tokens, end_prompt=False)` -> [b, d], `step(tokens)` -> [b, d], `lengths`
+      (int [b]), `retrieved(group)` and `prompt_end_retrieved(group)`; `decoder.logits(hidden)`
+      -> float32 [..., vocab]. For any prompt length, the hidden states equal the one-shot
+      forward's; end_prompt=True lets an architecture that retrieves once per chunk retrieve
+      again at a prompt's end (inference.py; the others ignore it).
   chunk_memories: where decoding may keep its memory ("device", "host"); eval and generate
       refuse the others with one line naming the architecture and the setting.
   retrieval_groups(config) -> int: how many groups `Session.retrieved(group)` answers for
