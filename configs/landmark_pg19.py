@@ -7,6 +7,6 @@ from configs import drt_pg19
 def get_config():
   config = drt_pg19.get_config()
   config.model.arch = "landmark"
-  config.model.impl = "xla"  # plain JAX, blockwise over query blocks (no Pallas kernel)
+  config.model.impl = "xla"  # plain JAX: a flash-style scan over tiles of blocks (no Pallas kernel)
   config.model.topk = 4  # blocks per query at inference, as the reference's landmark eval scripts
   return config

@@ -30,25 +30,32 @@ def _qkv(seed, *, batch=2, blocks=4, heads=4, kv_heads=2, head_dim=8):
   return q, k, v
 
 
+# tile_blocks: None = one tile here (4 blocks); 1: every tile pair off the diagonal is a single
+# block pair; 3: two tiles, the last padded with two empty blocks.
+@pytest.mark.parametrize("tile_blocks", [None, 1, 3])
 @pytest.mark.parametrize("topk,selection", [(None, "per_head"), (2, "per_head"), (2, "shared"),
                                             (1, "shared")])
-def test_blockwise_matches_dense_reference(topk, selection):
+def test_blockwise_matches_dense_reference(topk, selection, tile_blocks):
   q, k, v = _qkv(0)
   settings = dict(theta=THETA, scale=8 ** -0.5, topk=topk, selection=selection)
-  got = landmark_attention(q, k, v, chunk_size=SIZE, **settings)
+  got = landmark_attention(q, k, v, chunk_size=SIZE, tile_blocks=tile_blocks, **settings)
   want = landmark_attention_dense(q, k, v, size=SIZE, **settings)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
-def test_gradients_match_dense_reference():
+@pytest.mark.parametrize("tile_blocks,topk", [(None, None), (2, None), (2, 1)])
+def test_gradients_match_dense_reference(tile_blocks, topk):
+  """The hand-written backward (grouped_softmax's custom VJP) against autodiff of the dense
+  reference; tile_blocks=2 over 3 blocks: two tiles, one padded."""
   q, k, v = _qkv(1, blocks=3)
   weights = jax.random.normal(jax.random.key(2), q.shape)
-  settings = dict(theta=THETA, scale=8 ** -0.5)
+  settings = dict(theta=THETA, scale=8 ** -0.5, topk=topk)
 
   def loss(fn, **extra):
     return lambda q, k, v: jnp.sum(fn(q, k, v, **settings, **extra) * weights)
 
-  got = jax.grad(loss(landmark_attention, chunk_size=SIZE), argnums=(0, 1, 2))(q, k, v)
+  got = jax.grad(loss(landmark_attention, chunk_size=SIZE, tile_blocks=tile_blocks),
+                 argnums=(0, 1, 2))(q, k, v)
   want = jax.grad(loss(landmark_attention_dense, size=SIZE), argnums=(0, 1, 2))(q, k, v)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5)
@@ -136,12 +143,14 @@ def test_sessions_at_different_lengths_step_together():
 
 
 def test_training_never_holds_logits_of_the_whole_sequence():
-  """Forward and backward hold per-query-block logits [b, h, S, blocks, S], never [b, h, T, T]."""
+  """Forward and backward hold one tile's logits [b, h, tile rows, tile rows] and per-row
+  vectors, never [b, h, T, T] (here 4 tiles of 2 blocks)."""
   q, k, v = _qkv(9, batch=1, blocks=8)
   rows = q.shape[1]
 
   def loss(q, k, v):
-    return jnp.sum(landmark_attention(q, k, v, chunk_size=SIZE, theta=THETA, scale=0.3))
+    return jnp.sum(landmark_attention(q, k, v, chunk_size=SIZE, theta=THETA, scale=0.3,
+                                      tile_blocks=2))
 
   text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
   sizes = [int(np.prod([int(n) for n in dims.split(",")]))
