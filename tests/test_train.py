@@ -84,15 +84,16 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, straight_run):
   _assert_same_curve(dict(_train_losses(interrupted)), straight_run, [5, 10, 15, 20])
 
 
-def test_a_partial_checkpoint_is_never_restored(tmp_path):
-  config = _short_run_config(steps=10)
-  train_main.train(config, str(tmp_path), progress=False)
-  # What a run killed mid-save leaves behind: orbax's temporary folder for a later step.
+def test_a_partial_checkpoint_is_never_restored(tmp_path, straight_run):
+  # The straight run's config (its compiled programs), stopped at 10 and resumed for 5 steps.
+  config = _short_run_config(steps=20)
+  train_main.train(config, str(tmp_path), progress=False, steps_this_run=10)
+  # What a run killed mid-save leaves behind: orbax's temporary folder for a later step (restored,
+  # step 20 would leave nothing to do).
   partial = tmp_path / "checkpoints" / "20.orbax-checkpoint-tmp-1234" / "state"
   partial.mkdir(parents=True)
   (partial / "garbage").write_text("half-written")
-  config.train.num_train_steps = 15
-  train_main.train(config, str(tmp_path), progress=False)
+  train_main.train(config, str(tmp_path), progress=False, steps_this_run=5)
   assert _train_losses(str(tmp_path))[-1][0] == 15
 
 
