@@ -14,6 +14,7 @@ import pytest
 
 from drt_jax import distributed
 from drt_jax import metrics as metrics_lib
+from drt_jax import train as train_main
 from tests.test_train import REPO, _assert_same_curve, _short_run_config, _train_losses
 
 LEG = 3  # steps per run: every run stops (with an eval and a checkpoint) after LEG steps
@@ -133,19 +134,23 @@ def test_two_processes_match_one_and_checkpoints_move_between_process_counts(tmp
   """R: one process, one device, 0 -> LEG -> 2 LEG (the reference curve).
   A: two processes (data=2 x fsdp=4) 0 -> LEG, then one process LEG -> 2 LEG.
   C: R's checkpoint at LEG, then two processes LEG -> 2 LEG through launch/local_multiprocess.sh.
-  Every loss and eval loss of A and C must be R's (f32, rtol 1e-5)."""
+  Every loss and eval loss of A and C must be R's (f32, rtol 1e-5).
+
+  The one-process, one-device legs (R's two, A's second) run in this pytest process, as
+  tests/test_train.py's resumes do: a subprocess would add a JAX start-up and only repeat what
+  the two-process legs and tests/test_train_restarts.py check of the command line."""
   config_file = _write_config_file(tmp_path)
-  one, two = _env(), _env(4)
+  two = _env(4)
   ref, a, c = tmp_path / "R", tmp_path / "A", tmp_path / "C"
 
-  _run_group([_train_command(config_file, ref)], one)
+  train_main.train(run_config(), str(ref), progress=False, steps_this_run=LEG)
   shutil.copytree(ref, c)
-  _run_group([_train_command(config_file, ref)], one)
+  train_main.train(run_config(), str(ref), progress=False, steps_this_run=LEG)
 
   port, shardings = _free_port(), [tmp_path / f"shardings_{i}.json" for i in range(2)]
   _run_group([[sys.executable, "-c", _WORKER, str(port), str(i), str(a), str(shardings[i])]
               for i in range(2)], two)
-  _run_group([_train_command(config_file, a)], one)
+  train_main.train(run_config(), str(a), progress=False, steps_this_run=LEG)
 
   log_dir = tmp_path / "launcher_logs"
   (_, launcher_output), = _run_group(

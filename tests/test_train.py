@@ -37,12 +37,18 @@ def _train_losses(workdir):
   return [(r["step"], r["loss"]) for r in metrics_lib.read_metrics(workdir) if "loss" in r]
 
 
-def test_loss_falls_on_tiny(tmp_path):
+def _learning_config():
+  """A model large enough to learn in 150 steps, on sequences that hold a passkey sample."""
   config = _short_run_config(steps=150, d_model=64, num_heads=4, num_kv_heads=4, mlp_dim=128)
   config.data.seq_len = 7 * 16
   config.train.learning_rate = 3e-3
   config.train.eval_every = 150
   config.data.task_fraction = 0.25  # also reports the held-out passkey answers' accuracy
+  return config
+
+
+def test_loss_falls_on_tiny(tmp_path):
+  config = _learning_config()
   train_main.train(config, str(tmp_path), progress=False)
   records = metrics_lib.read_metrics(str(tmp_path))
   first = records[0]["loss"]
@@ -78,15 +84,16 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, straight_run):
   _assert_same_curve(dict(_train_losses(interrupted)), straight_run, [5, 10, 15, 20])
 
 
-def test_a_partial_checkpoint_is_never_restored(tmp_path):
-  config = _short_run_config(steps=10)
-  train_main.train(config, str(tmp_path), progress=False)
-  # What a run killed mid-save leaves behind: orbax's temporary folder for a later step.
+def test_a_partial_checkpoint_is_never_restored(tmp_path, straight_run):
+  # The straight run's config (its compiled programs), stopped at 10 and resumed for 5 steps.
+  config = _short_run_config(steps=20)
+  train_main.train(config, str(tmp_path), progress=False, steps_this_run=10)
+  # What a run killed mid-save leaves behind: orbax's temporary folder for a later step (restored,
+  # step 20 would leave nothing to do).
   partial = tmp_path / "checkpoints" / "20.orbax-checkpoint-tmp-1234" / "state"
   partial.mkdir(parents=True)
   (partial / "garbage").write_text("half-written")
-  config.train.num_train_steps = 15
-  train_main.train(config, str(tmp_path), progress=False)
+  train_main.train(config, str(tmp_path), progress=False, steps_this_run=5)
   assert _train_losses(str(tmp_path))[-1][0] == 15
 
 
@@ -246,14 +253,13 @@ def test_cli_gives_one_line_for_bad_values_and_missing_data(tmp_path):
 
 def test_a_config_refused_by_its_data_leaves_the_run_folder_usable(tmp_path):
   """A task that does not fit in data.seq_len is refused before config.json is written, so the
-  corrected config can then start in the same --workdir."""
-  config = _short_run_config(steps=2)
-  config.train.warmup_steps = 1
-  config.data.task_fraction = 0.5
+  corrected config can then start in the same --workdir. (test_loss_falls_on_tiny's config, so
+  the corrected run reuses its compiled programs.)"""
+  config = _learning_config()
   config.data.seq_len = 7 * 8  # shorter than a passkey sample
   with pytest.raises(DataError, match="too short for task 'passkey'"):
     train_main.train(config, str(tmp_path), progress=False)
   assert not (tmp_path / "config.json").exists()
-  config.data.seq_len = 7 * 32
-  train_main.train(config, str(tmp_path), progress=False)
+  config.data.seq_len = 7 * 16
+  train_main.train(config, str(tmp_path), progress=False, steps_this_run=2)
   assert "2" in os.listdir(tmp_path / "checkpoints")
