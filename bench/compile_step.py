@@ -36,17 +36,13 @@ def main():
   trainer = train_lib.Trainer(config, model_config, train_lib.make_mesh(config.mesh))
   shape = (config.train.global_batch_size, config.data.seq_len)
   batch = {"inputs": jax.ShapeDtypeStruct(shape, np.int32, sharding=trainer.batch_sharding)}
-  with trainer._context():
-    step = jax.jit(trainer._train_step,
-                   in_shardings=(trainer.state_shardings, trainer.batch_sharding),
-                   out_shardings=(trainer.state_shardings, trainer.replicated), donate_argnums=0)
-    start = time.perf_counter()
-    lowered = step.lower(trainer.abstract_state, batch)
-    lower_s = time.perf_counter() - start
-    hlo_chars = len(lowered.as_text())
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  lowered = trainer.lower_train_step(trainer.abstract_state, batch)
+  lower_s = time.perf_counter() - start
+  hlo_chars = len(lowered.as_text())
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   temp = None if memory is None else memory.temp_size_in_bytes / 2**30
   line = (f"arch={model_config.arch} seq_len={config.data.seq_len} "

@@ -115,14 +115,9 @@ QUESTION_OFFSETS = ("random", "all")
 
 
 def parse_question_offset(text) -> int | str:
-  """"5" -> 5, "random" / "all" as they are; the range is check()'s (it needs chunk_len)."""
+  """"5" -> 5; any other text as it is, for check() to accept ("random", "all") or refuse."""
   text = str(text).strip()
-  if text in QUESTION_OFFSETS:
-    return text
-  if text.isdigit():
-    return int(text)
-  raise EvalError(f"--question_offset={text!r}: must be an integer in 0 .. model.chunk_len - 1, "
-                  "'random' or 'all'")
+  return int(text) if text.isdigit() else text
 
 
 def question_offsets(settings: Settings, length: int, count: int, chunk_len: int) -> np.ndarray:
@@ -147,8 +142,7 @@ def check(settings: Settings, config: ml_collections.ConfigDict, stream_len: int
       isinstance(s.question_offset, int) and 0 <= s.question_offset < c):
     raise EvalError(f"--question_offset={s.question_offset!r}: must be an integer in 0 .. "
                     f"{c - 1} (model.chunk_len={c}), 'random' or 'all'")
-  if not isinstance(s.prompt_end_retrieval, bool):
-    raise EvalError(f"--prompt_end_retrieval={s.prompt_end_retrieval!r}: must be true or false")
+  generate_lib.check_prompt_end_retrieval(s.prompt_end_retrieval)
   for name in ("depths", "windows", "batch"):
     if getattr(s, name) < 1:
       raise EvalError(f"--{name}={getattr(s, name)}: must be a positive integer")

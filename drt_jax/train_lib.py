@@ -204,12 +204,17 @@ class Trainer:
                "tokens": count}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  def compile_train_step(self, state: TrainState, batch: dict):
-    """AOT-compiled step (state donated); returns the compiled callable."""
+  def lower_train_step(self, state: TrainState, batch: dict):
+    """The step (state donated) lowered for state and batch, concrete or abstract
+    (e.g. abstract_state and jax.ShapeDtypeStruct inputs: nothing is allocated)."""
     with self._context():
       step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                      out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
-      return step.lower(state, batch).compile()
+      return step.lower(state, batch)
+
+  def compile_train_step(self, state: TrainState, batch: dict):
+    """AOT-compiled step (state donated); returns the compiled callable."""
+    return self.lower_train_step(state, batch).compile()
 
   def compile_finite_check(self, state: TrainState):
     """AOT-compiled state -> True when no float in it is NaN/inf (checked before every save)."""
