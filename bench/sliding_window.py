@@ -19,15 +19,12 @@ import os
 import statistics
 import sys
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import sliding_window as sw
-
-warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 
 # Candidate tiles per kernel: (queries, keys, warps, stages); for dK/dV (keys per program, queries).
 FWD_CANDIDATES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 4, 3),
