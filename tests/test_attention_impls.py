@@ -69,10 +69,10 @@ def test_an_unsupported_shape_falls_back_and_logs_once(caplog):
 
 
 def test_select_binds_interpret_off_gpu():
-  name, _, fn = _fake_op().select("triton", jnp.ones((2, 4)), scale=2.0)
+  name, fn = _fake_op().select("triton", jnp.ones((2, 4)), scale=2.0)
   got = fn(jnp.ones((2, 4)), scale=2.0)
   assert name == "triton" and got[2] is (jax.default_backend() != "gpu")
-  name, _, fn = _fake_op().select("xla", jnp.ones((2, 4)), scale=2.0)
+  name, fn = _fake_op().select("xla", jnp.ones((2, 4)), scale=2.0)
   assert name == "xla" and fn(jnp.ones((2, 4)), scale=2.0)[0] == "xla"
 
 

@@ -44,7 +44,7 @@ def _per_batch_shard(kernel, batched_args, shared_args=()):
 def _run(op: impls.Op, impl: str, batched_args, shared_args=(), **settings):
   """op's implementation for model.impl=impl on these inputs, run on batched_args (leading with
   the batch axis) and shared_args (replicated), static settings as keywords."""
-  name, _, fn = op.select(impl, *batched_args, *shared_args, **settings)
+  name, fn = op.select(impl, *batched_args, *shared_args, **settings)
   kernel = lambda *args: fn(*args, **settings)  # noqa: E731
   if name == "xla":
     return kernel(*batched_args, *shared_args)
@@ -64,7 +64,7 @@ def sliding_window_decode(q, k_cache, v_cache, slopes, *, window: int, scale: fl
   k/v_cache [b, cache_len, kv_heads, d], position int [b] -> like q."""
   settings = dict(window=window, scale=scale)
   slopes = () if slopes is None else (slopes,)
-  name, _, fn = impls.SLIDING_WINDOW_DECODE.select(impl, q, k_cache, v_cache, *slopes,
+  name, fn = impls.SLIDING_WINDOW_DECODE.select(impl, q, k_cache, v_cache, *slopes,
                                                    position=position, **settings)
   if name == "xla":
     return fn(q, k_cache, v_cache, *slopes, position=position, **settings)

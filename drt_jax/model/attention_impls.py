@@ -17,7 +17,8 @@ Full causal attention has no Pallas kernel: both GPU implementations ("mosaic" a
 cuDNN's fused attention (jax.nn.dot_product_attention), which takes 16-bit inputs on a GPU only.
 Chunk attention (the encoder's, §2.4) is GCA with one slot per chunk retrieving itself.
 
-attention.py is the one caller: it asks an op's registry for an implementation and runs it.
+attention.py is where the model asks an op's registry for an implementation and runs it; the
+benches read the registries to time every implementation.
 """
 
 import dataclasses
@@ -101,14 +102,15 @@ class Op:
                      reason, order)
     raise ValueError(f"{self.name}: none of {order} supports these inputs")
 
-  def select(self, requested: str, *args, **settings) -> tuple[str, Implementation, Callable]:
-    """(name, implementation, fn) for model.impl=requested on the local device; fn takes the op's
-    arrays and settings (a Pallas kernel's `interpret` bound: True off-GPU)."""
+  def select(self, requested: str, *args, **settings) -> tuple[str, Callable]:
+    """(name, fn) of the implementation for model.impl=requested on the local device and these
+    inputs; fn takes the op's arrays and settings (a Pallas kernel's `interpret` bound: True
+    off-GPU)."""
     platform, capability = local_device()
     impl = self.choose(implementation_order(platform, capability, requested), *args, **settings)
     entry = self.implementations[impl]
     fn = functools.partial(entry.fn, interpret=platform != "gpu") if entry.pallas else entry.fn
-    return impl, entry, fn
+    return impl, fn
 
 
 SLIDING_WINDOW = Op("sliding_window_attention")  # (q, k, v[, slopes], *, window, scale)
@@ -168,17 +170,26 @@ def _xla_causal(q, k, v, *, scale: float):
   return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="xla")
 
 
+def register_kernel_modules(impl: str, gca_module, sliding_window_module):
+  """Registers a family of Pallas kernels under `impl` for the five ops they serve, from two
+  modules laid out like kernels_pallas/gca.py and kernels_pallas/sliding_window.py:
+  gca_module: gca, gca_decode, unsupported_reason (gca's arguments), decode_unsupported_reason
+  (gca_decode's arguments); sliding_window_module: sliding_window_attention,
+  sliding_window_decode, unsupported_reason (either's arguments). Chunk attention is the GCA
+  kernel with self-retrieval."""
+  sw = sliding_window_module
+  SLIDING_WINDOW.register(impl, sw.sliding_window_attention, unsupported=sw.unsupported_reason)
+  SLIDING_WINDOW_DECODE.register(impl, sw.sliding_window_decode, unsupported=sw.unsupported_reason)
+  GCA.register(impl, gca_module.gca, unsupported=gca_module.unsupported_reason)
+  GCA_DECODE.register(impl, gca_module.gca_decode,
+                      unsupported=gca_module.decode_unsupported_reason)
+  fn, check = chunk_attention_through(gca_module.gca, gca_module.unsupported_reason)
+  CHUNK_ATTENTION.register(impl, fn, unsupported=check)
+
+
 def _register_builtin():
-  # Kernels (interpret in the Pallas interpreter off-GPU), then the plain-JAX references.
-  SLIDING_WINDOW.register("triton", sliding_window_triton.sliding_window_attention,
-                          unsupported=sliding_window_triton.unsupported_reason)
-  SLIDING_WINDOW_DECODE.register("triton", sliding_window_triton.sliding_window_decode,
-                                 unsupported=sliding_window_triton.unsupported_reason)
-  GCA.register("triton", gca_triton.gca, unsupported=gca_triton.unsupported_reason)
-  GCA_DECODE.register("triton", gca_triton.gca_decode,
-                      unsupported=gca_triton.decode_unsupported_reason)
-  fn, check = chunk_attention_through(gca_triton.gca, gca_triton.unsupported_reason)
-  CHUNK_ATTENTION.register("triton", fn, unsupported=check)
+  # Kernels (run in the Pallas interpreter off-GPU), then the plain-JAX references.
+  register_kernel_modules("triton", gca_triton, sliding_window_triton)
   for impl in ("mosaic", "triton"):
     CAUSAL_ATTENTION.register(impl, _cudnn_causal, unsupported=_cudnn_unsupported, pallas=False)
 
