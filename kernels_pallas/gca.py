@@ -388,17 +388,29 @@ def _gca_vjp_bwd(st, residuals, do):
 _gca.defvjp(_gca_vjp_fwd, _gca_vjp_bwd)
 
 
-def _check_kernel_shapes(q, k_mem, block_sizes):
-  chunk_len, head_dim = q.shape[2], q.shape[4]
-  mem_len = k_mem.shape[2]
+def _kernel_limits(chunk_len: int, mem_len: int, head_dim: int, dtype, mem_dtype) -> str | None:
+  """What the kernels' tiles cannot hold (gca_reference can), in one line, or None."""
   for name, value, top in (("chunk_len", chunk_len, 128), ("mem_len", mem_len, 128),
                            ("head_dim", head_dim, 256)):
     if value < 16 or value > top or value & (value - 1):
-      raise ValueError(f"{name}={value} must be a power of two in [16, {top}]")
-  if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-    raise ValueError(f"q dtype {q.dtype} must be bfloat16, float16 or float32")
-  if k_mem.dtype != q.dtype:
-    raise ValueError(f"k_mem/v_mem dtype {k_mem.dtype} must equal q dtype {q.dtype}")
+      return f"{name}={value} must be a power of two in [16, {top}]"
+  if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    return f"q dtype {dtype} must be bfloat16, float16 or float32"
+  if mem_dtype != dtype:
+    return f"k_mem/v_mem dtype {mem_dtype} must equal q dtype {dtype}"
+  return None
+
+
+def unsupported_reason(q, k_mem, v_mem, indices, weights, **settings) -> str | None:
+  """Why `gca` cannot run these inputs (one line), or None. Takes gca's arguments; none of its
+  settings limits the kernels."""
+  return _kernel_limits(q.shape[2], k_mem.shape[2], q.shape[4], q.dtype, k_mem.dtype)
+
+
+def _check_kernel_shapes(q, k_mem, block_sizes):
+  reason = _kernel_limits(q.shape[2], k_mem.shape[2], q.shape[4], q.dtype, k_mem.dtype)
+  if reason is not None:
+    raise ValueError(reason)
   if block_sizes is not None and not isinstance(block_sizes, GCABlockSizes):
     raise ValueError(f"block_sizes={block_sizes!r} must be a GCABlockSizes or None")
 
@@ -435,8 +447,8 @@ def _check_decode_inputs(q, indices, weights):
   if q.ndim != 4 or indices.ndim != 2 or indices.shape != weights.shape:
     raise ValueError(f"q {q.shape}, indices {indices.shape}, weights {weights.shape}: expected q "
                      "[batch, rows, heads, head_dim] and indices/weights [batch, k]")
-  if not 1 <= q.shape[1] <= 128:
-    raise ValueError(f"rows={q.shape[1]} must be in [1, 128]")
+  if q.shape[1] < 1:
+    raise ValueError(f"rows={q.shape[1]} must be >= 1")
 
 
 def gca_decode_reference(q, k_mem, v_mem, indices, weights, *, scale: float,
@@ -451,6 +463,19 @@ def gca_decode_reference(q, k_mem, v_mem, indices, weights, *, scale: float,
                        num_keys=num_keys, softmax_off_by_one=softmax_off_by_one)[:, 0]
 
 
+def _decode_rows(rows: int) -> int:
+  # The rows form one query chunk padded to the smallest tile a Triton dot takes.
+  return max(16, pl.next_power_of_2(rows))
+
+
+def decode_unsupported_reason(q, k_mem, v_mem, indices, weights, **settings) -> str | None:
+  """Why `gca_decode` cannot run these inputs (one line), or None. Takes gca_decode's arguments."""
+  if q.shape[1] > 128:
+    return f"rows={q.shape[1]} must be <= 128 (one query tile)"
+  return _kernel_limits(_decode_rows(q.shape[1]), k_mem.shape[2], q.shape[3], q.dtype,
+                        k_mem.dtype)
+
+
 def gca_decode(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int | None = None,
                softmax_off_by_one: bool = False, block_sizes: GCABlockSizes | None = None,
                interpret: bool = False) -> jax.Array:
@@ -462,8 +487,10 @@ def gca_decode(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int
   Returns [batch, rows, heads, head_dim].
   """
   _check_decode_inputs(q, indices, weights)
+  if q.shape[1] > 128:
+    raise ValueError(decode_unsupported_reason(q, k_mem, v_mem, indices, weights))
   rows = q.shape[1]
-  padded = max(16, pl.next_power_of_2(rows))
+  padded = _decode_rows(rows)
   q = jnp.pad(q, ((0, 0), (0, padded - rows), (0, 0), (0, 0)))
   out = gca(q[:, None], k_mem, v_mem, indices[:, None], weights[:, None], scale=scale,
             num_keys=num_keys, softmax_off_by_one=softmax_off_by_one, block_sizes=block_sizes,

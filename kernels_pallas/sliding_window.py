@@ -461,12 +461,22 @@ def _attention_bwd(window, scale, alibi, block_sizes, interpret, residuals, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _check_kernel_inputs(q, slopes):
+def unsupported_reason(q, k, v, slopes=None, **settings) -> str | None:
+  """Why sliding_window_attention (q [b, t, heads, d]) or sliding_window_decode (q [b, heads, d],
+  caches for k, v) cannot run these inputs (one line; the references can), or None. None of the
+  functions' settings limits the kernels."""
   head_dim = q.shape[-1]
   if not _is_power_of_two(head_dim) or not 16 <= head_dim <= 256:
-    raise ValueError(f"head_dim={head_dim} must be a power of two in [16, 256]")
+    return f"head_dim={head_dim} must be a power of two in [16, 256]"
   if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-    raise ValueError(f"dtype={q.dtype} must be bfloat16, float16 or float32")
+    return f"dtype={q.dtype} must be bfloat16, float16 or float32"
+  return None
+
+
+def _check_kernel_inputs(q, slopes):
+  reason = unsupported_reason(q, None, None)
+  if reason is not None:
+    raise ValueError(reason)
   heads = q.shape[-2]
   if slopes is not None and jnp.shape(slopes) != (heads,):
     raise ValueError(f"slopes shape {jnp.shape(slopes)} must be (heads,) = ({heads},)")
