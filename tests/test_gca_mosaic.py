@@ -11,7 +11,7 @@ import pytest
 
 from kernels_pallas import gca as gca_lib
 from kernels_pallas import gca_mosaic
-from tests.test_gca_kernel import TOLERANCE, _inputs, _rel_err
+from tests.test_gca_kernel import TOLERANCE, _compare, _inputs, _rel_err
 
 # One chunk of 64 query rows, memory chunks of 64 keys: the only tile the kernels take.
 SMALL = dict(chunk_len=64, mem_len=64, head_dim=64, dtype=jnp.bfloat16)
@@ -29,17 +29,11 @@ def _settings(num_keys, off_by_one):
 
 
 @pytest.mark.parametrize("chunks,heads,kv_heads,k,num_keys,off_by_one", INTERPRET_CASES)
-def test_interpret_forward(chunks, heads, kv_heads, k, num_keys, off_by_one):
-  q, k_mem, v_mem, indices, weights, _ = _inputs(chunks + 10 * k, batch=1, chunks=chunks,
-                                                 heads=heads, kv_heads=kv_heads,
-                                                 mem_chunks=chunks + 1, k=k, **SMALL)
-  kw = _settings(num_keys, off_by_one)
-  got = gca_mosaic.gca(q, k_mem, v_mem, indices, weights, interpret=True, **kw)
-  f32 = lambda x: x.astype(jnp.float32)
-  with jax.default_matmul_precision("highest"):
-    want = gca_lib.gca_reference(f32(q), f32(k_mem), f32(v_mem), indices, weights, **kw)
-  assert got.shape == q.shape and got.dtype == q.dtype
-  assert _rel_err(got, want) < TOLERANCE["bf16"]
+def test_interpret_forward_and_gradients(chunks, heads, kv_heads, k, num_keys, off_by_one):
+  inputs = _inputs(chunks + 10 * k, batch=1, chunks=chunks, heads=heads, kv_heads=kv_heads,
+                   mem_chunks=chunks + 1, k=k, **SMALL)
+  _compare(gca_mosaic.gca, *inputs, TOLERANCE["bf16"], kernel_kw=dict(interpret=True),
+           **_settings(num_keys, off_by_one))
 
 
 PAPER = dict(batch=4, chunks=260, chunk_len=64, heads=12, kv_heads=12, head_dim=64,
@@ -51,16 +45,29 @@ def _lower_for_cuda(fn, *args):
   return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def test_forward_lowers_for_cuda_at_paper_shape():
+def _paper_specs():
+  """Abstract paper-shape inputs: q, k_mem, v_mem, indices, weights."""
   p = PAPER
   q = jax.ShapeDtypeStruct((p["batch"], p["chunks"], p["chunk_len"], p["heads"], p["head_dim"]),
                            jnp.bfloat16)
   mem = jax.ShapeDtypeStruct((p["batch"], p["mem_chunks"], p["chunk_len"], p["kv_heads"],
                               p["head_dim"]), jnp.bfloat16)
-  slots = jax.ShapeDtypeStruct((p["batch"], p["chunks"], p["k"]), jnp.int32)
-  fwd = lambda q, k, v, i, w: gca_mosaic.gca(q, k, v, i, w, **_settings(63, True))
-  text = _lower_for_cuda(fwd, q, mem, mem, slots, slots.update(dtype=jnp.float32))
-  assert "mosaic_gpu" in text
+  slots = (p["batch"], p["chunks"], p["k"])
+  return (q, mem, mem, jax.ShapeDtypeStruct(slots, jnp.int32),
+          jax.ShapeDtypeStruct(slots, jnp.float32))
+
+
+def test_kernels_lower_for_cuda_at_paper_shape():
+  kw = _settings(63, True)
+
+  def fwd_bwd(q, k_mem, v_mem, indices, weights):
+    out, vjp = jax.vjp(lambda q, k, v, w: gca_mosaic.gca(q, k, v, indices, w, **kw),
+                       q, k_mem, v_mem, weights)
+    return out, vjp(out)
+
+  text = _lower_for_cuda(fwd_bwd, *_paper_specs())
+  for name in ("mosaic_gca_fwd", "mosaic_gca_bwd_dq", "mosaic_gca_bwd_dkdv"):
+    assert name in text, name
 
 
 @pytest.mark.parametrize("change,match", [
