@@ -11,12 +11,12 @@ indices, weights [batch, chunks, k] ("bni").
 
 Kernels (one warpgroup each; a chunk of 64 rows and a memory chunk of 64 keys are one wgmma tile,
 so the softmax of a slot needs no online rescaling):
-- "mosaic_gca_fwd", one program per (head, query chunk, batch): loops over the k slots, reading
+- "mosaic_gca_fwd", one program per (batch, head, query chunk): loops over the k slots, reading
   the slot's memory chunk id from `indices` and TMA-copying that chunk's K/V tile, with
   `max_concurrent_steps` slots in flight; the weighted sum over slots accumulates in f32.
 - "mosaic_gca_bwd_dq", same grid: dQ and D_i = rowsum(P_i * dP_i) per slot (docs/specification.md
   §3.3), which gives dw (dw_i = sum over heads and rows of D_i) and the dK/dV kernel's D.
-- "mosaic_gca_bwd_dkdv", one program per (head, memory chunk, batch): loops over the (query chunk,
+- "mosaic_gca_bwd_dkdv", one program per (batch, head, memory chunk): loops over the (query chunk,
   slot) pairs that retrieved the chunk (gca._retrievers), so every dK/dV row is written once,
   without atomics; GQA heads of one kv head are summed afterwards.
 """
@@ -207,6 +207,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, w_ref, o_ref, lse_ref, q_smem, k_s
   plgpu.wait_smem_to_gmem(0)
 
 
+def _row_grid(q):
+  """(batch, heads, chunks): Mosaic GPU launches the last axis fastest, so the programs in flight
+  share a head and gather that head's K/V tiles (4 MB at the paper's shape), which stay in L2
+  across the chunks retrieving them; HBM then reads each tile about once per head."""
+  batch, chunks, _, heads, _ = q.shape
+  return batch, heads, chunks
+
+
 @functools.partial(jax.jit, static_argnames=("st",))
 def _gca_fwd_call(q, k_mem, v_mem, indices, weights, st: _Static):
   batch, chunks, _, heads, head_dim = q.shape
@@ -226,7 +234,7 @@ def _gca_fwd_call(q, k_mem, v_mem, indices, weights, st: _Static):
                      plgpu.SMEM((num_slots, _TILE), jnp.float32), _p_smem(q.dtype, st),
                      plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=stages),
                      plgpu.Barrier(num_barriers=stages)),
-      grid=(heads, chunks, batch), grid_names=("heads", "chunks", "batch"),
+      grid=_row_grid(q), grid_names=("batch", "heads", "chunks"),
       kernel_name="mosaic_gca_fwd", **_params(st),
   )(q, k_mem, v_mem, indices, weights.astype(jnp.float32))
 
@@ -379,7 +387,7 @@ def _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st: _Static):
                      plgpu.SMEM((num_slots, _TILE), jnp.float32), _p_smem(q.dtype, st),
                      plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=dq_stages),
                      plgpu.Barrier(num_barriers=dq_stages)),
-      grid=(heads, chunks, batch), grid_names=("heads", "chunks", "batch"),
+      grid=_row_grid(q), grid_names=("batch", "heads", "chunks"),
       kernel_name="mosaic_gca_bwd_dq", **_params(st),
   )(q, k_mem, v_mem, indices, weights_f32, do, lse)
   order, starts = _retrievers(indices, weights, mem_chunks)
@@ -393,9 +401,10 @@ def _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st: _Static):
                      plgpu.SMEM((stages, _TILE), jnp.float32), _p_smem(q.dtype, st),
                      plgpu.Barrier(num_barriers=2),
                      *(plgpu.Barrier(num_barriers=stages),) * 4),
-      # Early chunks are retrieved most often (causal retrieval): chunk-major launch order starts
-      # their long loops first.
-      grid=(heads, mem_chunks, batch), grid_names=("heads", "mem_chunks", "batch"),
+      # Memory chunks vary fastest: the programs in flight share one head, whose Q/dO (4 MB at
+      # the paper's shape) stay in L2 for all the pairs that gather them; and early chunks, which
+      # causal retrieval picks most often, start their long loops first.
+      grid=(batch, heads, mem_chunks), grid_names=("batch", "heads", "mem_chunks"),
       kernel_name="mosaic_gca_bwd_dkdv", **_params(st),
   )(q, k_mem, v_mem, weights_f32, do, lse, d, order, starts)
   if group > 1:
@@ -451,3 +460,24 @@ def gca(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int | None
                block_sizes=block_sizes or GCABlockSizes(), interpret=bool(interpret))
   indices = jnp.clip(indices.astype(jnp.int32), 0, k_mem.shape[1] - 1)
   return _gca(q, k_mem, v_mem, indices, weights, st)
+
+
+def gca_decode(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int | None = None,
+               softmax_off_by_one: bool = False, block_sizes: GCABlockSizes | None = None,
+               interpret: bool = False) -> jax.Array:
+  """FlashGCA for decoding: gca_decode_reference's function through the Mosaic gca kernels.
+
+  The rows form one query chunk, zero-padded to the 64-row tile; padded rows are computed and
+  dropped. q [batch, rows, heads, head_dim], rows in [1, 64]; indices, weights [batch, k].
+  Returns [batch, rows, heads, head_dim].
+  """
+  _check_decode_inputs(q, indices, weights)
+  reason = unsupported_reason(q, k_mem, block_sizes=block_sizes)
+  if reason is not None:
+    raise ValueError(f"gca_mosaic: {reason}")
+  rows = q.shape[1]
+  q = jnp.pad(q, ((0, 0), (0, _TILE - rows), (0, 0), (0, 0)))
+  out = gca(q[:, None], k_mem, v_mem, indices[:, None], weights[:, None], scale=scale,
+            num_keys=num_keys, softmax_off_by_one=softmax_off_by_one, block_sizes=block_sizes,
+            interpret=interpret)
+  return out[:, 0, :rows]
