@@ -1,10 +1,11 @@
 """FlashGCA (kernels_pallas/gca.py) against the XLA reference at the paper's training shape.
 
 `python3 bench/gca.py --out FILE.json [--tune]` on a GPU. One run: correctness of every timed
-kernel variant against the f32 reference, then median forward and forward+backward (grads of q,
-k_mem, v_mem, weights) times of the kernel (its gather included) and of gca_reference (jitted XLA,
-gather included), the device's copy bandwidth, and the kernel's achieved bandwidth. Prints a table
-last and writes everything to FILE.json.
+kernel variant (the Triton kernels and, on Hopper, the Mosaic GPU kernels of
+kernels_pallas/gca_mosaic.py as variant "mosaic") against the f32 reference, then median forward
+and forward+backward (grads of q, k_mem, v_mem, weights) times of the kernel (its gather
+included) and of gca_reference (jitted XLA, gather included), the device's copy bandwidth, and
+the kernel's achieved bandwidth. Prints a table last and writes everything to FILE.json.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import gca as gca_lib
+from kernels_pallas import gca_mosaic
 
 # docs/specification.md §2.9: 4 x 259 query chunks of 64 rows, 12 heads of 64, k = 8 over 260 memory
 # chunks whose landmark row is masked (num_keys = 63) with softmax-off-by-one.
@@ -146,16 +148,21 @@ def main():
   want = (want[0], *want[1])
 
   default = gca_lib.default_block_sizes(q.dtype, SHAPE["chunk_len"], SHAPE["head_dim"])
-  variants = {"default": default}
+  variants = {"default": (gca_lib.gca, default)}
   if args.tune:
-    variants.update({name: dataclasses.replace(default, **kw) for name, kw in TUNE.items()})
+    variants.update({name: (gca_lib.gca, dataclasses.replace(default, **kw))
+                     for name, kw in TUNE.items()})
+  mosaic_reason = gca_mosaic.unsupported_reason(q, k_mem)
+  if mosaic_reason is None:
+    variants["mosaic"] = (gca_mosaic.gca, gca_mosaic.GCABlockSizes())
   results = dict(device=str(device.device_kind), platform=device.platform,
                  compute_capability=getattr(device, "compute_capability", None),
                  jax=jax.__version__, shape=SHAPE, settings=SETTINGS,
                  date=time.strftime("%Y-%m-%d %H:%M:%S"), traffic=traffic(weights),
-                 copy=copy_bandwidth(args.reps, args.inner), kernel={})
-  for name, bs in variants.items():
-    impl = functools.partial(gca_lib.gca, block_sizes=bs, **SETTINGS)
+                 copy=copy_bandwidth(args.reps, args.inner), kernel={},
+                 mosaic_unsupported_reason=mosaic_reason)
+  for name, (gca_fn, bs) in variants.items():
+    impl = functools.partial(gca_fn, block_sizes=bs, **SETTINGS)
     entry = dict(block_sizes=dataclasses.asdict(bs), rel_err=check(impl, inputs, want))
     entry["fwd"] = time_ms(fwd_only(impl), inputs, args.reps, args.inner)
     entry["fwd_bwd"] = time_ms(fwd_bwd(impl), inputs, args.reps, args.inner)
@@ -187,6 +194,8 @@ def main():
   with open(args.out, "w") as f:
     json.dump(results, f, indent=1)
 
+  if mosaic_reason is not None:
+    print(f"mosaic not timed: {mosaic_reason}")
   print(f"\n{results['device']}  copy {copy_gbps:.0f} GB/s  reference fwd {ref_fwd:.3f} ms  "
         f"fwd+bwd {ref_fb:.3f} ms  retrievers {results['retrievers']['median_ms']:.3f} ms")
   print(f"{'variant':>11} {'fwd ms':>7} {'f+b ms':>7} {'bwd ms':>7} {'x fwd':>6} {'x f+b':>6} "
