@@ -23,7 +23,6 @@ so the softmax of a slot needs no online rescaling):
 
 import dataclasses
 import functools
-import math
 
 import jax
 from jax import lax
@@ -34,8 +33,12 @@ import jax.numpy as jnp
 from kernels_pallas.gca import _check_decode_inputs
 from kernels_pallas.gca import _retrievers
 from kernels_pallas.gca import check_gca_inputs
-from kernels_pallas.gca import gca_decode_reference  # noqa: F401  (the reference of gca_decode)
-from kernels_pallas.gca import gca_reference  # noqa: F401  (the reference of gca)
+from kernels_pallas.gca import gca_decode_reference
+from kernels_pallas.gca import gca_reference
+
+# gca_reference and gca_decode_reference (gca.py's) define what gca and gca_decode compute.
+__all__ = ["GCABlockSizes", "gca", "gca_decode", "gca_decode_reference", "gca_reference",
+           "unsupported_reason"]
 
 _LOG2E = 1.4426950408889634
 _TILE = 64  # rows of one wgmma tile: a query chunk and a memory chunk are exactly one tile
