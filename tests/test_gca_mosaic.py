@@ -19,8 +19,7 @@ SMALL = dict(chunk_len=64, mem_len=64, head_dim=64, dtype=jnp.bfloat16)
 INTERPRET_CASES = [
     # chunks, heads, kv_heads, k, num_keys, off_by_one
     (3, 2, 1, 3, 63, True),
-    (4, 2, 2, 2, None, False),
-    (5, 2, 1, 2, 40, False),
+    (4, 2, 2, 2, 40, False),
 ]
 
 
@@ -36,7 +35,7 @@ def test_interpret_forward_and_gradients(chunks, heads, kv_heads, k, num_keys, o
            **_settings(num_keys, off_by_one))
 
 
-@pytest.mark.parametrize("rows,k,kv_heads", [(1, 3, 2), (5, 2, 1)])
+@pytest.mark.parametrize("rows,k,kv_heads", [(5, 3, 2)])
 def test_interpret_decode(rows, k, kv_heads):
   q, k_mem, v_mem, indices, weights, _ = _inputs(rows, batch=2, chunks=1, heads=2,
                                                  kv_heads=kv_heads, mem_chunks=4, k=k, **SMALL)
