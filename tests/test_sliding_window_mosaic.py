@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from kernels_pallas import sliding_window_mosaic as swm
-from tests.test_sliding_window_kernel import rel_err, random_inputs, ring_cache, slopes_for
+from tests.test_sliding_window_kernel import rel_err, random_inputs, slopes_for
 
 # bf16 inputs, so the outputs carry bf16 rounding (~2e-3); gradients twice the forward's.
 TOLERANCE = {"out": 1e-2, "dq": 2e-2, "dk": 2e-2, "dv": 2e-2}
@@ -56,6 +56,16 @@ def test_forward_matches_reference_interpret(length, heads, kv_heads, head_dim, 
   assert rel_err(got, want) < TOLERANCE["out"]
 
 
+@pytest.mark.parametrize("length,heads,kv_heads,head_dim,window,alibi,block_sizes", CASES[:2])
+def test_gradients_match_reference_interpret(length, heads, kv_heads, head_dim, window, alibi,
+                                             block_sizes):
+  q, k, v, do = random_inputs(length * window, 1, length, heads, kv_heads, head_dim, jnp.bfloat16)
+  got, want = kernel_and_reference(q, k, v, do, slopes_for(heads, alibi), window, block_sizes, True)
+  for name, x, ref in zip(("out", "dq", "dk", "dv"), got, want):
+    assert x.dtype == jnp.bfloat16 and x.shape == ref.shape
+    assert rel_err(x, ref) < TOLERANCE[name], name
+
+
 def test_unsupported_reason():
   q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
   assert swm.unsupported_reason(q, q, q, 64) is None
@@ -86,3 +96,31 @@ def test_forward_lowers_for_cuda_at_paper_shape():
   attend = lambda q, k, v: swm.sliding_window_attention(q, k, v, slopes, window=512,
                                                         scale=head_dim ** -0.5)
   assert "mosaic_gpu" in lower_for_cuda(attend, q, kv, kv)
+
+
+def test_backward_lowers_for_cuda_at_paper_shape():
+  batch, length, heads, kv_heads, head_dim = PAPER_SHAPE
+  q = jax.ShapeDtypeStruct((batch, length, heads, head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((batch, length, kv_heads, head_dim), jnp.bfloat16)
+  slopes = slopes_for(heads, True)
+
+  def train(q, k, v, do):
+    _, vjp = jax.vjp(lambda q, k, v: swm.sliding_window_attention(
+        q, k, v, slopes, window=512, scale=head_dim ** -0.5), q, k, v)
+    return vjp(do)
+
+  assert lower_for_cuda(train, q, kv, kv, q).count("mosaic_gpu") >= 3  # forward, dK/dV, dQ
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,length,heads,kv_heads,head_dim,alibi", [
+    (*PAPER_SHAPE, True),
+    (2, 1024, 8, 2, 128, False),
+])
+def test_matches_reference_gpu(batch, length, heads, kv_heads, head_dim, alibi):
+  """bf16 within the Triton path's tolerance (tests/test_sliding_window_kernel.py: 1e-2)."""
+  q, k, v, do = random_inputs(length, batch, length, heads, kv_heads, head_dim, jnp.bfloat16)
+  got, want = kernel_and_reference(q, k, v, do, slopes_for(heads, alibi), 512, None, False)
+  for name, x, ref in zip(("out", "dq", "dk", "dv"), got, want):
+    assert bool(jnp.isfinite(x).all()), name
+    assert rel_err(x, ref) < 1e-2, name
