@@ -1,4 +1,4 @@
-"""Sliding-window attention (W=512, ALiBi) on the GPU: Pallas vs cuDNN vs the plain-JAX reference.
+"""Sliding-window attention (W=512, ALiBi) on the GPU: Triton, Mosaic GPU, cuDNN, JAX reference.
 
 `python3 bench/sliding_window.py --out FILE.json [--sweep]` on the device. One run checks every
 variant against the float32 reference (highest-precision matmuls) on fresh random bf16 inputs, then
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import sliding_window as sw
+from kernels_pallas import sliding_window_mosaic as swm
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 
@@ -159,6 +160,8 @@ def main():
       "pallas_alibi": lambda q, k, v: sw.sliding_window_attention(
           q, k, v, slopes, window=window, scale=scale, block_sizes=block_sizes,
           interpret=args.interpret),
+      "mosaic_alibi": lambda q, k, v: swm.sliding_window_attention(
+          q, k, v, slopes, window=window, scale=scale, interpret=args.interpret),
       "pallas_no_alibi": lambda q, k, v: sw.sliding_window_attention(
           q, k, v, window=window, scale=scale, block_sizes=block_sizes, interpret=args.interpret),
       "cudnn_no_alibi": lambda q, k, v: jax.nn.dot_product_attention(
@@ -192,7 +195,7 @@ def main():
   result["impls"] = rows
   mine = rows["pallas_alibi"]
   ratios = {}
-  for other in ("cudnn_no_alibi", "reference_alibi"):
+  for other in ("mosaic_alibi", "cudnn_no_alibi", "reference_alibi"):
     if "fwd" in mine and "fwd" in rows[other]:
       for phase in ("fwd", "fwd_bwd"):
         ratios[f"{phase}_pallas_over_{other}"] = (mine[phase]["median_ms"]

@@ -29,13 +29,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.sliding_window import (_check_decode_inputs, _check_shapes, _key_blocks,
-                                           _query_blocks, _slopes_or_zeros, alibi_slopes,
-                                           sliding_window_decode_reference,
+from kernels_pallas.sliding_window import (_check_shapes, _key_blocks, _query_blocks,
+                                           _slopes_or_zeros, alibi_slopes,
                                            sliding_window_reference)
 
-__all__ = ["MosaicBlockSizes", "alibi_slopes", "sliding_window_attention", "sliding_window_decode",
-           "sliding_window_decode_reference", "sliding_window_reference", "unsupported_reason"]
+__all__ = ["MosaicBlockSizes", "alibi_slopes", "sliding_window_attention",
+           "sliding_window_reference", "unsupported_reason"]
 
 _LOG2E = math.log2(math.e)
 # Finite, so that a row whose first tiles are wholly masked gives exp2(0) = 1 instead of NaN; the
