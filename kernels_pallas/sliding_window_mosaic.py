@@ -50,7 +50,7 @@ _DTYPES = (jnp.bfloat16, jnp.float16)
 class MosaicBlockSizes:
   """Streamed tile sizes and pipeline depths of the three kernels (the fixed tiles are 2 x 64).
 
-  block_k: keys per stream step of the forward (and the decode cache tile); block_k_dq: of the dQ
+  block_k: keys per stream step of the forward; block_k_dq: of the dQ
   kernel; block_q_dkv: queries per stream step of the dK/dV kernel. stages: shared-memory slots of
   each stream (TMA runs up to stages - 1 tiles ahead of the compute warpgroups).
   """
@@ -181,7 +181,7 @@ def _matmul(a, b, shape, staging=None):
 
 
 def _staging_tiles(interpret: bool, shape, dtype):
-  """Per-warpgroup smem tiles [2, *shape] for register wgmma operands in interpret mode (_matmul)."""
+  """Per-warpgroup smem tiles [2, *shape] for register wgmma operands in interpret mode."""
   return plgpu.SMEM((_COMPUTE_WGS, *shape), dtype) if interpret else None
 
 
@@ -282,7 +282,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, lse_ref, qo_smem2, lse_sm
   """One block: queries [128 * q_tile, + 128) of (batch, head) against their window band.
 
   q_ref/o_ref [batch, length, heads, head_dim], k_ref/v_ref [batch, length, kv_heads, head_dim],
-  slope_ref [heads, 64] (the head's slope on every row), lse_ref [batch, heads, length] f32 (base 2).
+  slope_ref [heads, 64] (the head's slope on every row), lse_ref [batch, heads, length] f32
+  (base 2).
   """
   batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
   tile0 = lax.axis_index("q_seq") * (_COMPUTE_WGS * _ROWS)

@@ -1,4 +1,4 @@
-"""Mosaic GPU sliding-window attention (kernels_pallas/sliding_window_mosaic.py) against the reference.
+"""Mosaic GPU sliding-window attention (kernels_pallas/sliding_window_mosaic.py) vs the reference.
 
 CPU: Mosaic GPU's interpret mode on small bf16 shapes against the float32 reference (forward and
 gradients), and the real Mosaic GPU lowering for CUDA at the paper's shape (lowered, not run).
@@ -18,7 +18,7 @@ TOLERANCE = {"out": 1e-2, "dq": 2e-2, "dk": 2e-2, "dv": 2e-2}
 
 
 def kernel_and_reference(q, k, v, do, slopes, window, block_sizes, interpret):
-  """(out, dq, dk, dv) of the Mosaic kernels and of the f32 reference on the same (upcast) inputs."""
+  """(out, dq, dk, dv) of the Mosaic kernels and of the f32 reference on the same upcast inputs."""
   scale = q.shape[-1] ** -0.5
   kernel = lambda q, k, v: swm.sliding_window_attention(
       q, k, v, slopes, window=window, scale=scale, block_sizes=block_sizes, interpret=interpret)
@@ -80,7 +80,8 @@ def test_unsupported_reason():
     swm.sliding_window_attention(x[..., :32], x[..., :32], x[..., :32], window=4, scale=1.0)
 
 
-PAPER_SHAPE = (4, 16640, 12, 12, 64)  # batch, length, heads, kv_heads, head_dim (bench/sliding_window.py)
+# batch, length, heads, kv_heads, head_dim: bench/sliding_window.py's shape.
+PAPER_SHAPE = (4, 16640, 12, 12, 64)
 
 
 def lower_for_cuda(fn, *args) -> str:
