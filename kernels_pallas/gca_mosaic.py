@@ -38,7 +38,7 @@ from kernels_pallas.gca import gca_reference
 
 # gca_reference and gca_decode_reference (gca.py's) define what gca and gca_decode compute.
 __all__ = ["GCABlockSizes", "gca", "gca_decode", "gca_decode_reference", "gca_reference",
-           "unsupported_reason"]
+           "unsupported_reason", "decode_unsupported_reason"]
 
 _LOG2E = 1.4426950408889634
 _TILE = 64  # rows of one wgmma tile: a query chunk and a memory chunk are exactly one tile
@@ -59,12 +59,13 @@ class GCABlockSizes:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be in [1, 4]")
 
 
-def unsupported_reason(q, k_mem, *, block_sizes=None) -> str | None:
-  """Why the Mosaic kernels cannot run gca(q, k_mem, ...) here, or None if they can.
+def unsupported_reason(q, k_mem, *arrays, block_sizes=None, **settings) -> str | None:
+  """Why the Mosaic kernels cannot run gca's or gca_decode's arguments here, or None if they can.
 
   q [batch, chunks, chunk_len, heads, head_dim] (gca) or [batch, rows, heads, head_dim]
   (gca_decode); k_mem [batch, mem_chunks, mem_len, kv_heads, head_dim]. Only shapes, dtypes and
-  the local device are looked at (a CPU host may lower for CUDA; the kernels run on Hopper).
+  the local device are looked at (a CPU host may lower for CUDA; the kernels run on Hopper): the
+  other arrays and the settings (scale, num_keys, off-by-one) limit nothing.
   """
   if q.ndim == 4:
     if not 1 <= q.shape[1] <= _TILE:
@@ -87,6 +88,9 @@ def unsupported_reason(q, k_mem, *, block_sizes=None) -> str | None:
     if major != 9:
       return f"device {device.device_kind} is not Hopper (compute capability 9.x)"
   return None
+
+
+decode_unsupported_reason = unsupported_reason  # one check reads both layouts of q
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,8 +90,8 @@ def _smem_bytes(head_dim: int, group: int, itemsize: int, bs: MosaicBlockSizes) 
   return max(forward, dq, dkv)
 
 
-def unsupported_reason(q, k, v, window: int, slopes=None,
-                       block_sizes: MosaicBlockSizes | None = None) -> str | None:
+def unsupported_reason(q, k, v, slopes=None, *, window: int,
+                       block_sizes: MosaicBlockSizes | None = None, **settings) -> str | None:
   """None if sliding_window_attention supports these inputs, else a one-line reason.
 
   q, k, v may be arrays or jax.ShapeDtypeStruct. The Mosaic kernels need bf16/f16 (wgmma), head_dim
@@ -123,7 +123,7 @@ def unsupported_reason(q, k, v, window: int, slopes=None,
 
 
 def _check_supported(q, k, v, window, slopes, block_sizes):
-  reason = unsupported_reason(q, k, v, window, slopes, block_sizes)
+  reason = unsupported_reason(q, k, v, slopes, window=window, block_sizes=block_sizes)
   if reason is not None:
     raise ValueError(reason)
 

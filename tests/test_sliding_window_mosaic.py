@@ -68,13 +68,13 @@ def test_gradients_match_reference_interpret(length, heads, kv_heads, head_dim, 
 
 def test_unsupported_reason():
   q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
-  assert swm.unsupported_reason(q, q, q, 64) is None
+  assert swm.unsupported_reason(q, q, q, window=64) is None
   f32 = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-  assert "dtype=float32" in swm.unsupported_reason(f32, f32, f32, 64)
+  assert "dtype=float32" in swm.unsupported_reason(f32, f32, f32, window=64)
   odd = jax.ShapeDtypeStruct((1, 200, 2, 64), jnp.bfloat16)
-  assert "length=200" in swm.unsupported_reason(odd, odd, odd, 64)
+  assert "length=200" in swm.unsupported_reason(odd, odd, odd, window=64)
   small = jax.ShapeDtypeStruct((1, 256, 2, 32), jnp.bfloat16)
-  assert "head_dim=32" in swm.unsupported_reason(small, small, small, 64)
+  assert "head_dim=32" in swm.unsupported_reason(small, small, small, window=64)
   x = jnp.zeros(q.shape, q.dtype)
   with pytest.raises(ValueError, match="head_dim=32"):
     swm.sliding_window_attention(x[..., :32], x[..., :32], x[..., :32], window=4, scale=1.0)

@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import gca as gca_triton
+from kernels_pallas import gca_mosaic
 from kernels_pallas import sliding_window as sliding_window_triton
+from kernels_pallas import sliding_window_mosaic
 
 IMPLS = ("mosaic", "triton", "xla")  # the fallback order; model.impl also takes "auto"
 
@@ -174,12 +176,15 @@ def register_kernel_modules(impl: str, gca_module, sliding_window_module):
   """Registers a family of Pallas kernels under `impl` for the five ops they serve, from two
   modules laid out like kernels_pallas/gca.py and kernels_pallas/sliding_window.py:
   gca_module: gca, gca_decode, unsupported_reason (gca's arguments), decode_unsupported_reason
-  (gca_decode's arguments); sliding_window_module: sliding_window_attention,
-  sliding_window_decode, unsupported_reason (either's arguments). Chunk attention is the GCA
-  kernel with self-retrieval."""
+  (gca_decode's arguments); sliding_window_module: sliding_window_attention, unsupported_reason
+  (either function's arguments) and, where the family has one, sliding_window_decode (without
+  it, decoding falls back to the next implementation). Chunk attention is the GCA kernel with
+  self-retrieval."""
   sw = sliding_window_module
   SLIDING_WINDOW.register(impl, sw.sliding_window_attention, unsupported=sw.unsupported_reason)
-  SLIDING_WINDOW_DECODE.register(impl, sw.sliding_window_decode, unsupported=sw.unsupported_reason)
+  if hasattr(sw, "sliding_window_decode"):
+    SLIDING_WINDOW_DECODE.register(impl, sw.sliding_window_decode,
+                                   unsupported=sw.unsupported_reason)
   GCA.register(impl, gca_module.gca, unsupported=gca_module.unsupported_reason)
   GCA_DECODE.register(impl, gca_module.gca_decode,
                       unsupported=gca_module.decode_unsupported_reason)
@@ -189,6 +194,7 @@ def register_kernel_modules(impl: str, gca_module, sliding_window_module):
 
 def _register_builtin():
   # Kernels (run in the Pallas interpreter off-GPU), then the plain-JAX references.
+  register_kernel_modules("mosaic", gca_mosaic, sliding_window_mosaic)
   register_kernel_modules("triton", gca_triton, sliding_window_triton)
   for impl in ("mosaic", "triton"):
     CAUSAL_ATTENTION.register(impl, _cudnn_causal, unsupported=_cudnn_unsupported, pallas=False)
