@@ -1,8 +1,8 @@
 """Which implementation runs each attention op: one registry per op, chosen by device.
 
 `model.impl` requests "auto" | "mosaic" | "triton" | "xla". "auto" picks by the local device
-(`implementation_order`): Mosaic GPU kernels on compute capability 9.x (Hopper), Pallas-Triton
-kernels on 8.x (Ampere), the plain-JAX references of kernels_pallas anywhere else (CPU). An
+(`implementation_order`): Pallas-Triton kernels on compute capability 9.x (Hopper; Mosaic GPU
+once it passes the train-step parity check) and 8.x (Ampere), the plain-JAX references of kernels_pallas anywhere else (CPU). An
 explicit "mosaic" or "triton" runs those kernels on any platform, in the Pallas interpreter
 off-GPU (how the kernel tests and CPU CI run them).
 
