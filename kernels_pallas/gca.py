@@ -369,23 +369,31 @@ def _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st: _Static):
   return dq, dk, dv, dw.astype(weights.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _gca(q, k_mem, v_mem, indices, weights, st):
-  return _gca_fwd_call(q, k_mem, v_mem, indices, weights, st)[0]
+def differentiable(fwd_call, bwd_call):
+  """GCA as a custom-VJP function of (q, k_mem, v_mem, indices, weights, st) over a kernel pair;
+  the Triton kernels here and the Mosaic GPU ones (gca_mosaic.py) share it.
+
+  fwd_call(q, k_mem, v_mem, indices, weights, st) -> (out, lse);
+  bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st) -> (dq, dk_mem, dv_mem, dweights).
+  st: the kernels' hashable static settings. indices get no gradient.
+  """
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+  def attention(q, k_mem, v_mem, indices, weights, st):
+    return fwd_call(q, k_mem, v_mem, indices, weights, st)[0]
+
+  def forward(q, k_mem, v_mem, indices, weights, st):
+    out, lse = fwd_call(q, k_mem, v_mem, indices, weights, st)
+    return out, (q, k_mem, v_mem, indices, weights, lse)
+
+  def backward(st, residuals, do):
+    dq, dk, dv, dw = bwd_call(*residuals, do, st)
+    return dq, dk, dv, None, dw
+
+  attention.defvjp(forward, backward)
+  return attention
 
 
-def _gca_vjp_fwd(q, k_mem, v_mem, indices, weights, st):
-  out, lse = _gca_fwd_call(q, k_mem, v_mem, indices, weights, st)
-  return out, (q, k_mem, v_mem, indices, weights, lse)
-
-
-def _gca_vjp_bwd(st, residuals, do):
-  q, k_mem, v_mem, indices, weights, lse = residuals
-  dq, dk, dv, dw = _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st)
-  return dq, dk, dv, None, dw
-
-
-_gca.defvjp(_gca_vjp_fwd, _gca_vjp_bwd)
+_gca = differentiable(_gca_fwd_call, _gca_bwd_call)
 
 
 def _kernel_limits(chunk_len: int, mem_len: int, head_dim: int, dtype, mem_dtype) -> str | None:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from kernels_pallas.gca import _check_decode_inputs
 from kernels_pallas.gca import _retrievers
 from kernels_pallas.gca import check_gca_inputs
+from kernels_pallas.gca import differentiable
 from kernels_pallas.gca import gca_decode_reference
 from kernels_pallas.gca import gca_reference
 
@@ -422,23 +423,7 @@ def _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st: _Static):
   return dq, dk, dv, dw.astype(weights.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _gca(q, k_mem, v_mem, indices, weights, st):
-  return _gca_fwd_call(q, k_mem, v_mem, indices, weights, st)[0]
-
-
-def _gca_vjp_fwd(q, k_mem, v_mem, indices, weights, st):
-  out, lse = _gca_fwd_call(q, k_mem, v_mem, indices, weights, st)
-  return out, (q, k_mem, v_mem, indices, weights, lse)
-
-
-def _gca_vjp_bwd(st, residuals, do):
-  q, k_mem, v_mem, indices, weights, lse = residuals
-  dq, dk, dv, dw = _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st)
-  return dq, dk, dv, None, dw
-
-
-_gca.defvjp(_gca_vjp_fwd, _gca_vjp_bwd)
+_gca = differentiable(_gca_fwd_call, _gca_bwd_call)
 
 
 def gca(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int | None = None,

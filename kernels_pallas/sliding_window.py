@@ -438,27 +438,35 @@ def _backward(q, k, v, slopes, out, lse, do, **static):
   return _dq(q, k, v, slopes, do, lse, delta, **static), dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _attention(q, k, v, slopes, window, scale, alibi, block_sizes, interpret):
-  return _forward(q, k, v, slopes, window=window, scale=scale, alibi=alibi,
-                  block_sizes=block_sizes, interpret=interpret)[0]
+def differentiable(forward, backward):
+  """Sliding-window attention as a custom-VJP function of (q, k, v, slopes, window, scale, alibi,
+  block_sizes, interpret) over a kernel pair; the Triton kernels here and the Mosaic GPU ones
+  (sliding_window_mosaic.py) share it.
+
+  forward(q, k, v, slopes, **static) -> (out, lse);
+  backward(q, k, v, slopes, out, lse, do, **static) -> (dq, dk, dv), static being window, scale,
+  alibi, block_sizes and interpret. slopes: whatever per-head rows the kernels take.
+  """
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+  def attention(q, k, v, slopes, window, scale, alibi, block_sizes, interpret):
+    return fwd(q, k, v, slopes, window, scale, alibi, block_sizes, interpret)[0]
+
+  def fwd(q, k, v, slopes, window, scale, alibi, block_sizes, interpret):
+    out, lse = forward(q, k, v, slopes, window=window, scale=scale, alibi=alibi,
+                       block_sizes=block_sizes, interpret=interpret)
+    return out, (q, k, v, slopes, out, lse)
+
+  def bwd(window, scale, alibi, block_sizes, interpret, residuals, do):
+    dq, dk, dv = backward(*residuals, do, window=window, scale=scale, alibi=alibi,
+                          block_sizes=block_sizes, interpret=interpret)
+    # The slopes are a fixed buffer (§2.3), not trained: they get no gradient.
+    return dq, dk, dv, jnp.zeros_like(residuals[3])
+
+  attention.defvjp(fwd, bwd)
+  return attention
 
 
-def _attention_fwd(q, k, v, slopes, window, scale, alibi, block_sizes, interpret):
-  out, lse = _forward(q, k, v, slopes, window=window, scale=scale, alibi=alibi,
-                      block_sizes=block_sizes, interpret=interpret)
-  return out, (q, k, v, slopes, out, lse)
-
-
-def _attention_bwd(window, scale, alibi, block_sizes, interpret, residuals, do):
-  q, k, v, slopes, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, slopes, out, lse, do, window=window, scale=scale, alibi=alibi,
-                         block_sizes=block_sizes, interpret=interpret)
-  # The slopes are a fixed buffer (§2.3), not trained: they get no gradient.
-  return dq, dk, dv, jnp.zeros_like(slopes)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = differentiable(_forward, _backward)
 
 
 def unsupported_reason(q, k, v, slopes=None, **settings) -> str | None:

@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.sliding_window import (_check_shapes, _key_blocks, _query_blocks,
-                                           _slopes_or_zeros, alibi_slopes,
+                                           _slopes_or_zeros, alibi_slopes, differentiable,
                                            sliding_window_reference)
 
 __all__ = ["MosaicBlockSizes", "alibi_slopes", "sliding_window_attention",
@@ -665,24 +665,4 @@ def sliding_window_attention(q, k, v, slopes=None, *, window: int, scale: float,
                     float(scale), slopes is not None, block_sizes, interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _attention(q, k, v, slope_rows, window, scale, alibi, block_sizes, interpret):
-  return _forward(q, k, v, slope_rows, window=window, scale=scale, alibi=alibi,
-                  block_sizes=block_sizes, interpret=interpret)[0]
-
-
-def _attention_fwd(q, k, v, slope_rows, window, scale, alibi, block_sizes, interpret):
-  out, lse = _forward(q, k, v, slope_rows, window=window, scale=scale, alibi=alibi,
-                      block_sizes=block_sizes, interpret=interpret)
-  return out, (q, k, v, slope_rows, out, lse)
-
-
-def _attention_bwd(window, scale, alibi, block_sizes, interpret, residuals, do):
-  q, k, v, slope_rows, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, slope_rows, out, lse, do, window=window, scale=scale,
-                         alibi=alibi, block_sizes=block_sizes, interpret=interpret)
-  # The slopes are a fixed buffer (§2.3), not trained: they get no gradient.
-  return dq, dk, dv, jnp.zeros_like(slope_rows)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = differentiable(_forward, _backward)
