@@ -190,7 +190,7 @@ def main():
   results["reference"] = dict(fwd=time_ms(fwd_only(ref), inputs, args.reps, args.inner),
                               fwd_bwd=time_ms(fwd_bwd(ref), inputs, args.reps, args.inner))
   results["retrievers"] = time_ms(
-      jax.jit(lambda i, w: gca_lib._retrievers(i, w, SHAPE["mem_chunks"])), (indices, weights),
+      jax.jit(lambda i, w: gca_lib.retrievers(i, w, SHAPE["mem_chunks"])), (indices, weights),
       args.reps, args.inner)
 
   tr, copy_gbps = results["traffic"], results["copy"]["gbps"]

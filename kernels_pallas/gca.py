@@ -321,7 +321,7 @@ def _gca_fwd_call(q, k_mem, v_mem, indices, weights, st: _Static):
   )(q, k_mem, v_mem, indices, weights)
 
 
-def _retrievers(indices, weights, mem_chunks):
+def retrievers(indices, weights, mem_chunks):
   """Inverted index: order [batch, chunks * k] of flat slot ids sorted by the chunk they retrieve
   (weight-0 slots last), and starts [batch, mem_chunks + 1] delimiting each chunk's run.
 
@@ -354,7 +354,7 @@ def _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st: _Static):
                                               num_stages=bs.num_stages_dq),
       interpret=st.interpret, name="flash_gca_bwd_dq",
   )(q, k_mem, v_mem, indices, weights, do, lse)
-  order, starts = _retrievers(indices, weights, mem_chunks)
+  order, starts = retrievers(indices, weights, mem_chunks)
   dk, dv = pl.pallas_call(
       # Early chunks are retrieved most often (causal retrieval); chunk-major order starts their
       # long loops first so they do not trail at the end of the launch.
@@ -451,7 +451,7 @@ def gca(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int | None
   return _gca(q, k_mem, v_mem, indices, weights, st)
 
 
-def _check_decode_inputs(q, indices, weights):
+def check_decode_inputs(q, indices, weights):
   if q.ndim != 4 or indices.ndim != 2 or indices.shape != weights.shape:
     raise ValueError(f"q {q.shape}, indices {indices.shape}, weights {weights.shape}: expected q "
                      "[batch, rows, heads, head_dim] and indices/weights [batch, k]")
@@ -466,7 +466,7 @@ def gca_decode_reference(q, k_mem, v_mem, indices, weights, *, scale: float,
   q [batch, rows, heads, head_dim]; k_mem, v_mem [batch, mem_chunks, mem_len, kv_heads, head_dim];
   indices, weights [batch, k]. Returns [batch, rows, heads, head_dim].
   """
-  _check_decode_inputs(q, indices, weights)
+  check_decode_inputs(q, indices, weights)
   return gca_reference(q[:, None], k_mem, v_mem, indices[:, None], weights[:, None], scale=scale,
                        num_keys=num_keys, softmax_off_by_one=softmax_off_by_one)[:, 0]
 
@@ -494,7 +494,7 @@ def gca_decode(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int
   q [batch, rows, heads, head_dim], rows in [1, 128]; indices, weights [batch, k].
   Returns [batch, rows, heads, head_dim].
   """
-  _check_decode_inputs(q, indices, weights)
+  check_decode_inputs(q, indices, weights)
   if q.shape[1] > 128:
     raise ValueError(decode_unsupported_reason(q, k_mem, v_mem, indices, weights))
   rows = q.shape[1]

@@ -17,7 +17,7 @@ so the softmax of a slot needs no online rescaling):
 - "mosaic_gca_bwd_dq", same grid: dQ and D_i = rowsum(P_i * dP_i) per slot (docs/specification.md
   §3.3), which gives dw (dw_i = sum over heads and rows of D_i) and the dK/dV kernel's D.
 - "mosaic_gca_bwd_dkdv", one program per (batch, head, memory chunk): loops over the (query chunk,
-  slot) pairs that retrieved the chunk (gca._retrievers), so every dK/dV row is written once,
+  slot) pairs that retrieved the chunk (gca.retrievers), so every dK/dV row is written once,
   without atomics; GQA heads of one kv head are summed afterwards.
 """
 
@@ -30,12 +30,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from kernels_pallas.gca import _check_decode_inputs
-from kernels_pallas.gca import _retrievers
+from kernels_pallas.gca import check_decode_inputs
 from kernels_pallas.gca import check_gca_inputs
 from kernels_pallas.gca import differentiable
 from kernels_pallas.gca import gca_decode_reference
 from kernels_pallas.gca import gca_reference
+from kernels_pallas.gca import retrievers
 
 # gca_reference and gca_decode_reference (gca.py's) define what gca and gca_decode compute.
 __all__ = ["GCABlockSizes", "gca", "gca_decode", "gca_decode_reference", "gca_reference",
@@ -310,7 +310,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, d_ref, order_ref, 
   """dK, dV of one memory chunk for one head: a loop over the (query chunk, slot) pairs that
   retrieved it, `stages` pairs' Q/dO/lse/D in flight.
 
-  order_ref [batch, chunks * k], starts_ref [batch, mem_chunks + 1]: gca._retrievers (weight-0
+  order_ref [batch, chunks * k], starts_ref [batch, mem_chunks + 1]: gca.retrievers (weight-0
   slots are never listed); dk_ref, dv_ref [batch, mem_chunks, 64, heads, head_dim] (one head's
   part; a GQA group's heads are summed by the caller). k_smem, v_smem [1, 64, head_dim];
   q_smem, do_smem [stages, 64, head_dim]; lse_smem, d_smem [stages, 64]; ds_smem as _lhs.
@@ -398,7 +398,7 @@ def _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st: _Static):
       grid=_row_grid(q), grid_names=("batch", "heads", "chunks"),
       kernel_name="mosaic_gca_bwd_dq", **_params(st),
   )(q, k_mem, v_mem, indices, weights_f32, do, lse)
-  order, starts = _retrievers(indices, weights, mem_chunks)
+  order, starts = retrievers(indices, weights, mem_chunks)
   part_shape = (batch, mem_chunks, k_mem.shape[2], heads, head_dim)
   dk, dv = plgpu.kernel(
       functools.partial(_dkdv_kernel, stages=stages, **common),
@@ -463,7 +463,7 @@ def gca_decode(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int
   dropped. q [batch, rows, heads, head_dim], rows in [1, 64]; indices, weights [batch, k].
   Returns [batch, rows, heads, head_dim].
   """
-  _check_decode_inputs(q, indices, weights)
+  check_decode_inputs(q, indices, weights)
   reason = unsupported_reason(q, k_mem, block_sizes=block_sizes)
   if reason is not None:
     raise ValueError(f"gca_mosaic: {reason}")

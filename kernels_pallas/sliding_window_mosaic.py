@@ -29,9 +29,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.sliding_window import (_check_shapes, _key_blocks, _query_blocks,
-                                           _slopes_or_zeros, alibi_slopes, differentiable,
-                                           sliding_window_reference)
+from kernels_pallas.sliding_window import (alibi_slopes, check_shapes, differentiable, key_blocks,
+                                           query_blocks, sliding_window_reference,
+                                           slopes_or_zeros)
 
 __all__ = ["MosaicBlockSizes", "alibi_slopes", "sliding_window_attention",
            "sliding_window_reference", "unsupported_reason"]
@@ -100,7 +100,7 @@ def unsupported_reason(q, k, v, slopes=None, *, window: int,
   """
   block_sizes = MosaicBlockSizes() if block_sizes is None else block_sizes
   try:
-    _check_shapes(q, k, v, window)
+    check_shapes(q, k, v, window)
   except ValueError as e:
     return str(e)
   if q.dtype != k.dtype or q.dtype != v.dtype:
@@ -190,7 +190,7 @@ def _visible(distance, window: int):
 
 
 def _step_ranges(bounds, start, steps: int):
-  """Tile bounds (first, mid_first, mid_end, end) of _key_blocks/_query_blocks -> the six edges of
+  """Tile bounds (first, mid_first, mid_end, end) of key_blocks/query_blocks -> the six edges of
   the five stream ranges [0, a) skip, [a, b) masked, [b, c) full, [c, d) masked, [d, steps) skip."""
   edges = [jnp.clip(x - start, 0, steps) for x in bounds]
   return [jnp.int32(0), *edges, jnp.int32(steps)]
@@ -339,7 +339,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, lse_ref, qo_smem2, lse_sm
              plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32),
                                plgpu.Layout.WGMMA.reduce(1)),
              plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
-    edges = _step_ranges(_key_blocks(r0, _ROWS, block_k, window), start, steps)
+    edges = _step_ranges(key_blocks(r0, _ROWS, block_k, window), start, steps)
     acc, m, l = _five_range_loop(step, edges, carry)
     q_smem[...] = (acc / _row_vector(l, acc.shape)).astype(dtype)
     lse_smem[...] = m + jnp.log2(l)
@@ -454,7 +454,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref, dq_re
       plgpu.barrier_arrive(k_free.at[slot])
       return dq
 
-    edges = _step_ranges(_key_blocks(r0, _ROWS, block_k, window), start, steps)
+    edges = _step_ranges(key_blocks(r0, _ROWS, block_k, window), start, steps)
     dq = _five_range_loop(step, edges, _zeros((_ROWS, q_smem.shape[-1])))
     q_smem[...] = (dq * scale).astype(dtype)
     plgpu.commit_smem()
@@ -500,7 +500,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref, dk_r
     plgpu.barrier_wait(slope_bar.at[wg])
     plgpu.barrier_wait(k_bar.at[wg])
     plgpu.barrier_wait(v_bar.at[wg])
-    edges = _step_ranges(_query_blocks(c0, _ROWS, block_q, window, num_q_blocks), start, steps)
+    edges = _step_ranges(query_blocks(c0, _ROWS, block_q, window, num_q_blocks), start, steps)
     carry = (_zeros((_ROWS, k_smem.shape[-1])), _zeros((_ROWS, v_smem.shape[-1])))
     for g in range(group):  # static: each head of the group has its own slope
       slope = _load_rows(slope_smem.at[g]) * _LOG2E
@@ -636,7 +636,7 @@ def _backward(q, k, v, slope_rows, out, lse, do, **static):
 def _slope_rows(slopes, heads):
   """[heads] slopes (or zeros) -> [heads, 64] f32: a row vector per head that one wgmma-layout load
   reads (no scalar loads from global memory)."""
-  return jnp.broadcast_to(_slopes_or_zeros(slopes, heads)[:, None], (heads, _ROWS))
+  return jnp.broadcast_to(slopes_or_zeros(slopes, heads)[:, None], (heads, _ROWS))
 
 
 def sliding_window_attention(q, k, v, slopes=None, *, window: int, scale: float,

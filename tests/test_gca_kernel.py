@@ -108,7 +108,7 @@ def test_interpret_decode(rows, k, group):
 def test_retrievers_lists_every_valid_slot_once():
   indices = jax.random.randint(jax.random.PRNGKey(3), (2, 9, 5), 0, 6)
   weights = jnp.where(jax.random.uniform(jax.random.PRNGKey(4), (2, 9, 5)) < 0.3, 0.0, 1.0)
-  order, starts = gca_lib._retrievers(indices, weights, 6)
+  order, starts = gca_lib.retrievers(indices, weights, 6)
   for b in range(2):
     for m in range(6):
       got = sorted(np.asarray(order[b, starts[b, m]:starts[b, m + 1]]).tolist())

@@ -115,13 +115,13 @@ def test_block_ranges_cover_window():
       tiles = visible.reshape(length // block_q, block_q, length // block_k, block_k)
       any_visible, all_visible = tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
       for qb in range(length // block_q):
-        lo, mid_lo, mid_hi, hi = (int(x) for x in sw._key_blocks(
+        lo, mid_lo, mid_hi, hi = (int(x) for x in sw.key_blocks(
             jnp.int32(qb * block_q), block_q, block_k, window))
         assert lo <= mid_lo <= mid_hi <= hi
         assert set(np.flatnonzero(any_visible[qb])) <= set(range(lo, hi))
         assert all_visible[qb, mid_lo:mid_hi].all()
       for kb in range(length // block_k):
-        lo, mid_lo, mid_hi, hi = (int(x) for x in sw._query_blocks(
+        lo, mid_lo, mid_hi, hi = (int(x) for x in sw.query_blocks(
             jnp.int32(kb * block_k), block_k, block_q, window, length // block_q))
         assert lo <= mid_lo <= mid_hi <= hi
         assert set(np.flatnonzero(any_visible[:, kb])) <= set(range(lo, hi))
