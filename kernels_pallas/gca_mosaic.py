@@ -158,6 +158,20 @@ def _params(st: _Static):
               interpret=plgpu.InterpretGPUParams() if st.interpret else False)
 
 
+def _slot_fetcher(idx_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, group):
+  """fetch(i, buf) for a program of the row grid (batch, heads, chunks): TMA-copies the K/V tiles
+  of the memory chunk that slot i of this query chunk retrieved into buffer buf (idx_ref [batch,
+  chunks, k]; k_smem, v_smem [stages, 64, head_dim], one barrier per buffer each)."""
+  h, n, b = lax.axis_index("heads"), lax.axis_index("chunks"), lax.axis_index("batch")
+  kvh = lax.div(h, jnp.int32(group))
+
+  def fetch(i, buf):
+    m = idx_ref[b, n, i]
+    plgpu.copy_gmem_to_smem(k_ref.at[b, m, :, kvh], k_smem.at[buf], k_bar.at[buf])
+    plgpu.copy_gmem_to_smem(v_ref.at[b, m, :, kvh], v_smem.at[buf], v_bar.at[buf])
+  return fetch
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, w_ref, o_ref, lse_ref, q_smem, k_smem, v_smem,
                 lse_smem, p_smem, q_bar, k_bar, v_bar, *, scale, num_keys, softmax_off_by_one,
                 group, stages, interpret):
@@ -170,13 +184,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, w_ref, o_ref, lse_ref, q_smem, k_s
   p_smem [64, 64] (interpret mode only, see _lhs).
   """
   h, n, b = lax.axis_index("heads"), lax.axis_index("chunks"), lax.axis_index("batch")
-  kvh = lax.div(h, jnp.int32(group))
   num_slots = idx_ref.shape[2]
-
-  def fetch(i, buf):
-    m = idx_ref[b, n, i]
-    plgpu.copy_gmem_to_smem(k_ref.at[b, m, :, kvh], k_smem.at[buf], k_bar.at[buf])
-    plgpu.copy_gmem_to_smem(v_ref.at[b, m, :, kvh], v_smem.at[buf], v_bar.at[buf])
+  fetch = _slot_fetcher(idx_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, group)
 
   plgpu.copy_gmem_to_smem(q_ref.at[b, n, :, h], q_smem.at[0], q_bar.at[0])
   for i in range(min(stages, num_slots)):
@@ -257,13 +266,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, w_ref, do_ref, lse_ref, dq_ref, d_r
   gradient). q_smem, do_smem [1, 64, head_dim]; lse_smem, d_smem [k, 64]; ds_smem as _lhs.
   """
   h, n, b = lax.axis_index("heads"), lax.axis_index("chunks"), lax.axis_index("batch")
-  kvh = lax.div(h, jnp.int32(group))
   num_slots = idx_ref.shape[2]
-
-  def fetch(i, buf):
-    m = idx_ref[b, n, i]
-    plgpu.copy_gmem_to_smem(k_ref.at[b, m, :, kvh], k_smem.at[buf], k_bar.at[buf])
-    plgpu.copy_gmem_to_smem(v_ref.at[b, m, :, kvh], v_smem.at[buf], v_bar.at[buf])
+  fetch = _slot_fetcher(idx_ref, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, group)
 
   plgpu.copy_gmem_to_smem(q_ref.at[b, n, :, h], q_smem.at[0], q_bar.at[0])
   plgpu.copy_gmem_to_smem(do_ref.at[b, n, :, h], do_smem.at[0], q_bar.at[1])

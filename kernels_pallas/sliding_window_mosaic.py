@@ -229,12 +229,28 @@ def _stream(tiles, dst_smems, ready, consumed, steps: int, stages: int):
   pl.loop(max(steps - stages, 0), steps)(wait_consumed)
 
 
-def _key_tiles(k_ref, v_ref, batch, kv_head, start, block_k):
-  """tiles(i) of _stream for the keys and values of key block start + i."""
+def _stream_key_band(k_ref, v_ref, k_smem, v_smem, ready, consumed, *, batch, kv_head, start,
+                     block_k, steps: int, stages: int):
+  """Memory warpgroup of the forward and dQ kernels: _stream of the keys and values of key blocks
+  start .. start + steps - 1 of (batch, kv_head)."""
+  plgpu.set_max_registers(40, action="decrease")
+
   def tiles(i):
     rows = pl.ds((start + i) * block_k, block_k)
     return [k_ref.at[batch, rows, kv_head], v_ref.at[batch, rows, kv_head]]
-  return tiles
+
+  _stream(tiles, [k_smem, v_smem], list(ready), list(consumed), steps, stages)
+
+
+def _wait_slot(ready, consumed, slot, mode: str) -> bool:
+  """A compute warpgroup's turn at a streamed slot: waits for its tiles; in a "skip" range (tiles
+  it sees nothing of) hands the slot straight back. Returns whether it skipped."""
+  for bar in ready:
+    plgpu.barrier_wait(bar.at[slot])
+  if mode == "skip":
+    for bar in consumed:
+      plgpu.barrier_arrive(bar.at[slot])
+  return mode == "skip"
 
 
 def _key_band(tile0, steps: int, block_k: int):
@@ -310,11 +326,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, lse_ref, qo_smem2, lse_sm
     def step(i, carry, *, mode):
       acc, m, l = carry
       slot = lax.rem(i, stages)
-      plgpu.barrier_wait(k_bar.at[slot])
-      plgpu.barrier_wait(v_bar.at[slot])
-      if mode == "skip":
-        plgpu.barrier_arrive(k_free.at[slot])
-        plgpu.barrier_arrive(v_free.at[slot])
+      if _wait_slot((k_bar, v_bar), (k_free, v_free), slot, mode):
         return carry
 
       s = _matmul(q_smem, k_smem.at[slot].transpose((1, 0)), shape)
@@ -350,10 +362,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, lse_ref, qo_smem2, lse_sm
 
   @pl.when(wg == _COMPUTE_WGS)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
-    kv_head = lax.div(head, group)
-    _stream(_key_tiles(k_ref, v_ref, batch, kv_head, start, block_k), [k_smem, v_smem],
-            [k_bar, v_bar], [k_free, v_free], steps, stages)
+    _stream_key_band(k_ref, v_ref, k_smem, v_smem, (k_bar, v_bar), (k_free, v_free), batch=batch,
+                     kv_head=lax.div(head, group), start=start, block_k=block_k, steps=steps,
+                     stages=stages)
 
 
 _STATIC = ("window", "scale", "alibi", "block_sizes", "interpret")
@@ -432,11 +443,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref, dq_re
 
     def step(i, dq, *, mode):
       slot = lax.rem(i, stages)
-      plgpu.barrier_wait(k_bar.at[slot])
-      plgpu.barrier_wait(v_bar.at[slot])
-      if mode == "skip":
-        plgpu.barrier_arrive(k_free.at[slot])
-        plgpu.barrier_arrive(v_free.at[slot])
+      if _wait_slot((k_bar, v_bar), (k_free, v_free), slot, mode):
         return dq
       s = _matmul(q_smem, k_smem.at[slot].transpose((1, 0)), shape) * (scale * _LOG2E)
       offset = r0 - (start + i) * block_k  # distance = pattern + offset
@@ -463,10 +470,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref, dq_re
 
   @pl.when(wg == _COMPUTE_WGS)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
-    kv_head = lax.div(head, group)
-    _stream(_key_tiles(k_ref, v_ref, batch, kv_head, start, block_k), [k_smem, v_smem],
-            [k_bar, v_bar], [k_free, v_free], steps, stages)
+    _stream_key_band(k_ref, v_ref, k_smem, v_smem, (k_bar, v_bar), (k_free, v_free), batch=batch,
+                     kv_head=lax.div(head, group), start=start, block_k=block_k, steps=steps,
+                     stages=stages)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
@@ -509,10 +515,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref, dk_r
       def step(i, carry, *, mode, g=g, slope=slope, alibi_pattern=alibi_pattern):
         dk, dv = carry
         slot = lax.rem(g * steps + i, stages)
-        for bar in (q_bar, do_bar, lse_bar, delta_bar):
-          plgpu.barrier_wait(bar.at[slot])
-        if mode == "skip":
-          plgpu.barrier_arrive(free.at[slot])
+        if _wait_slot((q_bar, do_bar, lse_bar, delta_bar), (free,), slot, mode):
           return carry
         # Transposed scores: rows are keys, columns queries.
         s = _matmul(k_smem, q_smem.at[slot].transpose((1, 0)), shape) * (scale * _LOG2E)
