@@ -11,7 +11,8 @@ import pytest
 
 from kernels_pallas import gca as gca_lib
 from kernels_pallas import gca_mosaic
-from tests.test_gca_kernel import TOLERANCE, _compare, _inputs, _rel_err
+from tests.test_gca_kernel import (TOLERANCE, _compare, _inputs, _rel_err,
+                                   assert_decode_matches_reference)
 
 # One chunk of 64 query rows, memory chunks of 64 keys: the only tile the kernels take.
 SMALL = dict(chunk_len=64, mem_len=64, head_dim=64, dtype=jnp.bfloat16)
@@ -138,13 +139,4 @@ def test_gpu_matches_reference(batch, chunks, heads, kv_heads, head_dim, mem_chu
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 2, 16, 64])
 def test_gpu_decode(rows):
-  q, k_mem, v_mem, indices, weights, _ = _inputs(
-      rows, batch=4, chunks=1, chunk_len=rows, heads=12, kv_heads=12, head_dim=64,
-      mem_chunks=260, mem_len=64, k=8, dtype=jnp.bfloat16)
-  q, indices, weights = q[:, 0], indices[:, 0], weights[:, 0].at[:, 0].set(0.7)
-  kw = dict(scale=0.125, num_keys=63, softmax_off_by_one=True)
-  got = gca_mosaic.gca_decode(q, k_mem, v_mem, indices, weights, **kw)
-  f32 = lambda x: x.astype(jnp.float32)
-  with jax.default_matmul_precision("highest"):
-    want = gca_lib.gca_decode_reference(f32(q), f32(k_mem), f32(v_mem), indices, weights, **kw)
-  assert _rel_err(got, want) < TOLERANCE["bf16"]
+  assert_decode_matches_reference(gca_mosaic.gca_decode, rows)

@@ -34,10 +34,12 @@ def random_inputs(seed, batch, length, heads, kv_heads, head_dim, dtype=jnp.floa
   return tuple(x.astype(dtype) for x in (q, k, v, do))
 
 
-def kernel_and_reference(q, k, v, do, slopes, window, block_sizes, interpret):
-  """(out, dq, dk, dv) of the kernel and of the f32 reference on the same (upcast) inputs."""
+def kernel_and_reference(q, k, v, do, slopes, window, block_sizes, interpret,
+                         attention=sw.sliding_window_attention):
+  """(out, dq, dk, dv) of a kernel family's sliding_window_attention (the Triton one by default)
+  and of the f32 reference on the same (upcast) inputs."""
   scale = q.shape[-1] ** -0.5
-  kernel = lambda q, k, v: sw.sliding_window_attention(
+  kernel = lambda q, k, v: attention(
       q, k, v, slopes, window=window, scale=scale, block_sizes=block_sizes, interpret=interpret)
   reference = lambda q, k, v: sw.sliding_window_reference(q, k, v, slopes, window=window,
                                                           scale=scale)

@@ -5,32 +5,24 @@ gradients), and the real Mosaic GPU lowering for CUDA at the paper's shape (lowe
 GPU (`-m gpu`): the paper's shape in bf16, within the Triton path's tolerance.
 """
 
+import functools
+
 import numpy as np
 import jax
 import jax.numpy as jnp
 import pytest
 
 from kernels_pallas import sliding_window_mosaic as swm
+from tests.test_sliding_window_kernel import kernel_and_reference as triton_kernel_and_reference
 from tests.test_sliding_window_kernel import rel_err, random_inputs, slopes_for
 
 # bf16 inputs, so the outputs carry bf16 rounding (~2e-3); gradients twice the forward's.
 TOLERANCE = {"out": 1e-2, "dq": 2e-2, "dk": 2e-2, "dv": 2e-2}
 
 
-def kernel_and_reference(q, k, v, do, slopes, window, block_sizes, interpret):
-  """(out, dq, dk, dv) of the Mosaic kernels and of the f32 reference on the same upcast inputs."""
-  scale = q.shape[-1] ** -0.5
-  kernel = lambda q, k, v: swm.sliding_window_attention(
-      q, k, v, slopes, window=window, scale=scale, block_sizes=block_sizes, interpret=interpret)
-  reference = lambda q, k, v: swm.sliding_window_reference(q, k, v, slopes, window=window,
-                                                           scale=scale)
-  out, vjp = jax.vjp(kernel, q, k, v)
-  got = (out, *vjp(do))
-  with jax.default_matmul_precision("highest"):
-    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
-    out, vjp = jax.vjp(reference, *f32[:3])
-    want = (out, *vjp(f32[3]))
-  return got, want
+# (out, dq, dk, dv) of the Mosaic kernels and of the f32 reference on the same upcast inputs.
+kernel_and_reference = functools.partial(triton_kernel_and_reference,
+                                         attention=swm.sliding_window_attention)
 
 
 # (length, heads, kv_heads, head_dim, window, alibi, block_sizes): two 128-query blocks at least, a
