@@ -16,6 +16,7 @@ query rows per sequence) compute the same function with fused Pallas kernels.
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 from jax import lax
@@ -155,12 +156,13 @@ def default_block_sizes(dtype, mem_len: int, head_dim: int) -> GCABlockSizes:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
-  """Hashable static settings shared by the jitted forward and backward."""
+class KernelSettings:
+  """Hashable static settings shared by the jitted forward and backward of a GCA kernel pair
+  (block_sizes: that family's own block-size type)."""
   scale: float
   num_keys: int
   softmax_off_by_one: bool
-  block_sizes: GCABlockSizes
+  block_sizes: Any
   interpret: bool
 
 
@@ -293,7 +295,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, order_ref, starts_
   dv_ref[b, m, :, kvh, :] = dv.astype(dv_ref.dtype)
 
 
-def _block_q(st: _Static, chunk_len: int) -> int:
+def _block_q(st: KernelSettings, chunk_len: int) -> int:
   return min(st.block_sizes.block_q, chunk_len)
 
 
@@ -305,7 +307,7 @@ def _row_grid(q, st):
 
 
 @functools.partial(jax.jit, static_argnames=("st",))
-def _gca_fwd_call(q, k_mem, v_mem, indices, weights, st: _Static):
+def _gca_fwd_call(q, k_mem, v_mem, indices, weights, st: KernelSettings):
   batch, chunks, chunk_len, heads, _ = q.shape
   bs = st.block_sizes
   kernel = functools.partial(_fwd_kernel, scale=st.scale, num_keys=st.num_keys,
@@ -338,7 +340,7 @@ def retrievers(indices, weights, mem_chunks):
 
 
 @functools.partial(jax.jit, static_argnames=("st",))
-def _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st: _Static):
+def _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st: KernelSettings):
   batch, chunks, chunk_len, heads, _ = q.shape
   _, mem_chunks, _, kv_heads, _ = k_mem.shape
   num_slots = indices.shape[2]
@@ -370,12 +372,14 @@ def _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st: _Static):
 
 
 def differentiable(fwd_call, bwd_call):
-  """GCA as a custom-VJP function of (q, k_mem, v_mem, indices, weights, st) over a kernel pair;
-  the Triton kernels here and the Mosaic GPU ones (gca_mosaic.py) share it.
+  """GCA over a kernel pair as a custom-VJP function of (q, k_mem, v_mem, indices, weights, *,
+  scale, num_keys, softmax_off_by_one, block_sizes, interpret) for inputs already checked; the
+  Triton kernels here and the Mosaic GPU ones (gca_mosaic.py) share it.
 
   fwd_call(q, k_mem, v_mem, indices, weights, st) -> (out, lse);
-  bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st) -> (dq, dk_mem, dv_mem, dweights).
-  st: the kernels' hashable static settings. indices get no gradient.
+  bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st) -> (dq, dk_mem, dv_mem, dweights);
+  st: KernelSettings. Indices outside [0, mem_chunks) are clipped, as gca_reference's gather
+  does; they get no gradient.
   """
   @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
   def attention(q, k_mem, v_mem, indices, weights, st):
@@ -390,7 +394,15 @@ def differentiable(fwd_call, bwd_call):
     return dq, dk, dv, None, dw
 
   attention.defvjp(forward, backward)
-  return attention
+
+  def run(q, k_mem, v_mem, indices, weights, *, scale, num_keys, softmax_off_by_one,
+          block_sizes, interpret):
+    st = KernelSettings(scale=float(scale), num_keys=int(num_keys),
+                        softmax_off_by_one=bool(softmax_off_by_one), block_sizes=block_sizes,
+                        interpret=bool(interpret))
+    indices = jnp.clip(indices.astype(jnp.int32), 0, k_mem.shape[1] - 1)
+    return attention(q, k_mem, v_mem, indices, weights, st)
+  return run
 
 
 _gca = differentiable(_gca_fwd_call, _gca_bwd_call)
@@ -444,11 +456,8 @@ def gca(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int | None
   _check_kernel_shapes(q, k_mem, block_sizes)
   if block_sizes is None:
     block_sizes = default_block_sizes(q.dtype, k_mem.shape[2], q.shape[4])
-  st = _Static(scale=float(scale), num_keys=int(num_keys),
-               softmax_off_by_one=bool(softmax_off_by_one), block_sizes=block_sizes,
-               interpret=bool(interpret))
-  indices = jnp.clip(indices.astype(jnp.int32), 0, k_mem.shape[1] - 1)
-  return _gca(q, k_mem, v_mem, indices, weights, st)
+  return _gca(q, k_mem, v_mem, indices, weights, scale=scale, num_keys=num_keys,
+              softmax_off_by_one=softmax_off_by_one, block_sizes=block_sizes, interpret=interpret)
 
 
 def check_decode_inputs(q, indices, weights):

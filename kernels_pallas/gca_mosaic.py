@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from kernels_pallas.gca import check_decode_inputs
 from kernels_pallas.gca import check_gca_inputs
+from kernels_pallas.gca import KernelSettings
 from kernels_pallas.gca import differentiable
 from kernels_pallas.gca import gca_decode_reference
 from kernels_pallas.gca import gca_reference
@@ -94,16 +95,6 @@ def unsupported_reason(q, k_mem, *arrays, block_sizes=None, **settings) -> str |
 decode_unsupported_reason = unsupported_reason  # one check reads both layouts of q
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  """Hashable static settings shared by the jitted forward and backward."""
-  scale: float
-  num_keys: int
-  softmax_off_by_one: bool
-  block_sizes: GCABlockSizes
-  interpret: bool
-
-
 def _tile_smem(num, dtype, head_dim):
   """`num` swizzled [64, head_dim] tiles in shared memory, the layout wgmma operands need
   (num=None: one tile, [64, head_dim])."""
@@ -153,7 +144,7 @@ def _row(vector, shape, axis):
   return lax.broadcast_in_dim(vector, shape, [axis])
 
 
-def _params(st: _Static):
+def _params(st: KernelSettings):
   return dict(compiler_params=plgpu.CompilerParams(approx_math=not st.interpret),
               interpret=plgpu.InterpretGPUParams() if st.interpret else False)
 
@@ -233,7 +224,7 @@ def _row_grid(q):
 
 
 @functools.partial(jax.jit, static_argnames=("st",))
-def _gca_fwd_call(q, k_mem, v_mem, indices, weights, st: _Static):
+def _gca_fwd_call(q, k_mem, v_mem, indices, weights, st: KernelSettings):
   batch, chunks, _, heads, head_dim = q.shape
   num_slots = indices.shape[2]
   stages = min(st.block_sizes.max_concurrent_steps, num_slots)
@@ -379,7 +370,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, d_ref, order_ref, 
 
 
 @functools.partial(jax.jit, static_argnames=("st",))
-def _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st: _Static):
+def _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st: KernelSettings):
   batch, chunks, _, heads, head_dim = q.shape
   _, mem_chunks, _, kv_heads, _ = k_mem.shape
   num_slots = indices.shape[2]
@@ -451,11 +442,9 @@ def gca(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int | None
   reason = unsupported_reason(q, k_mem, block_sizes=block_sizes)
   if reason is not None:
     raise ValueError(f"gca_mosaic: {reason}")
-  st = _Static(scale=float(scale), num_keys=int(num_keys),
-               softmax_off_by_one=bool(softmax_off_by_one),
-               block_sizes=block_sizes or GCABlockSizes(), interpret=bool(interpret))
-  indices = jnp.clip(indices.astype(jnp.int32), 0, k_mem.shape[1] - 1)
-  return _gca(q, k_mem, v_mem, indices, weights, st)
+  return _gca(q, k_mem, v_mem, indices, weights, scale=scale, num_keys=num_keys,
+              softmax_off_by_one=softmax_off_by_one, block_sizes=block_sizes or GCABlockSizes(),
+              interpret=interpret)
 
 
 def gca_decode(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int | None = None,
