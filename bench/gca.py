@@ -136,15 +136,12 @@ def kernel_variants(inputs, tune: bool, unsupported: dict) -> dict:
   of each that does not goes into `unsupported`); Triton's --tune variants as "triton/<variant>"."""
   q, k_mem, v_mem, indices, weights, _ = inputs
   interpret = jax.default_backend() != "gpu"
+  runnable, reasons = attention_impls.GCA.kernels(q, k_mem, v_mem, indices, weights, **SETTINGS)
+  for name, reason in reasons.items():
+    print(f"{name}: not timed ({reason})", flush=True)
+  unsupported.update(reasons)
   variants = {}
-  for name, entry in attention_impls.GCA.implementations.items():
-    if name == "xla":  # the reference, timed on its own
-      continue
-    reason = entry.reason(q, k_mem, v_mem, indices, weights, **SETTINGS)
-    if reason is not None:
-      unsupported[name] = reason
-      print(f"{name}: not timed ({reason})", flush=True)
-      continue
+  for name, entry in runnable.items():
     variants[name] = functools.partial(entry.fn, interpret=interpret, **SETTINGS)
     if name == "triton":  # its tiles named, so the report records them
       default = gca_lib.default_block_sizes(q.dtype, SHAPE["chunk_len"], SHAPE["head_dim"])

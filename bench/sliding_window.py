@@ -119,24 +119,20 @@ def timed_impls(q, k, v, slopes, *, window, scale, block_sizes, interpret):
   kernel implementation of the op (drt_jax/model/attention_impls.py) with and without ALiBi
   (Triton with `block_sizes`), cuDNN's sliding window (no ALiBi: it has none but a dense bias),
   and the plain-JAX reference ("xla") last."""
-  registry = attention_impls.SLIDING_WINDOW.implementations
+  op = attention_impls.SLIDING_WINDOW
   settings = dict(window=window, scale=scale)
-  rows, unsupported = {}, {}
-  for name, entry in registry.items():
-    if name == "xla":
-      continue
-    reason = entry.reason(q, k, v, slopes, **settings)
-    if reason is not None:
-      unsupported[name] = reason
-      print(f"{name}: not timed ({reason})", flush=True)
-      continue
+  runnable, unsupported = op.kernels(q, k, v, slopes, **settings)
+  for name, reason in unsupported.items():
+    print(f"{name}: not timed ({reason})", flush=True)
+  rows = {}
+  for name, entry in runnable.items():
     extra = dict(block_sizes=block_sizes) if name == "triton" else {}
     fn = functools.partial(entry.fn, interpret=interpret, **settings, **extra)
     rows[f"{name}_alibi"] = functools.partial(fn, slopes=slopes)
     rows[f"{name}_no_alibi"] = fn
   rows["cudnn_no_alibi"] = lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, scale=scale, is_causal=True, local_window_size=(window, 0), implementation="cudnn")
-  rows["xla_alibi"] = functools.partial(registry["xla"].fn, slopes=slopes, **settings)
+  rows["xla_alibi"] = functools.partial(op.implementations["xla"].fn, slopes=slopes, **settings)
   return rows, unsupported
 
 

@@ -2,7 +2,8 @@
 
 Prints the versions, JAX's platform and devices, the attention kernels model.impl="auto" picks
 there (model/attention_impls.py), then compiles and runs one training step of a tiny DRT (random
-tokens, no data) on them, so that a silent fallback to the CPU shows before a real run. With --platform, exits with a one-line error unless JAX runs on that platform.
+tokens, no data) on them, so that a silent fallback to the CPU shows before a real run. With
+--platform, exits with a one-line error unless JAX runs on that platform.
 """
 
 import argparse

@@ -76,6 +76,14 @@ def test_select_binds_interpret_off_gpu():
   assert name == "xla" and fn(jnp.ones((2, 4)), scale=2.0)[0] == "xla"
 
 
+def test_kernels_lists_the_kernel_impls_that_run_an_input_and_why_not_the_others():
+  op = _fake_op()
+  runnable, reasons = op.kernels(jnp.ones((2, 4)), scale=2.0)
+  assert list(runnable) == ["triton"] and reasons == {}
+  runnable, reasons = op.kernels(jnp.ones((2, 3)), scale=2.0)
+  assert runnable == {} and reasons == {"triton": "head_dim=3 is odd"}
+
+
 def test_registering_checks_the_name_and_refuses_a_second_entry():
   op = _fake_op()
   with pytest.raises(ValueError, match="impl='cudnn' must be one of"):

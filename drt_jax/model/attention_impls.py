@@ -2,9 +2,9 @@
 
 `model.impl` requests "auto" | "mosaic" | "triton" | "xla". "auto" picks by the local device
 (`implementation_order`): Pallas-Triton kernels on compute capability 9.x (Hopper; Mosaic GPU
-once it passes the train-step parity check) and 8.x (Ampere), the plain-JAX references of kernels_pallas anywhere else (CPU). An
-explicit "mosaic" or "triton" runs those kernels on any platform, in the Pallas interpreter
-off-GPU (how the kernel tests and CPU CI run them).
+once it passes the train-step parity check) and 8.x (Ampere), the plain-JAX references of
+kernels_pallas anywhere else (CPU). An explicit "mosaic" or "triton" runs those kernels on any
+platform, in the Pallas interpreter off-GPU (how the kernel tests and CPU CI run them).
 
 Each op's registry maps implementation names to functions with one signature: the op's arrays
 positionally, its static settings as keywords, and, for a Pallas kernel, `interpret: bool`. An
@@ -105,6 +105,20 @@ class Op:
         _log.warning("%s: impl %r skipped (%s); falling back to the next of %s", self.name, impl,
                      reason, order)
     raise ValueError(f"{self.name}: none of {order} supports these inputs")
+
+  def kernels(self, *args, **settings) -> tuple[dict[str, Implementation], dict[str, str]]:
+    """({name: implementation} of the kernel impls (all but "xla") that run these inputs,
+    {name: why not} of those that do not): what a bench times."""
+    runnable, reasons = {}, {}
+    for name, entry in self.implementations.items():
+      if name == "xla":
+        continue
+      reason = entry.reason(*args, **settings)
+      if reason is None:
+        runnable[name] = entry
+      else:
+        reasons[name] = reason
+    return runnable, reasons
 
   def select(self, requested: str, *args, **settings) -> tuple[str, Callable]:
     """(name, fn) of the implementation for model.impl=requested on the local device and these
