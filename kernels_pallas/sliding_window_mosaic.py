@@ -370,6 +370,20 @@ def _fwd_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, lse_ref, qo_smem2, lse_sm
 _STATIC = ("window", "scale", "alibi", "block_sizes", "interpret")
 
 
+def _tile(dtype, *shape):
+  """A swizzled shared-memory tile buffer of `shape` (the last two axes a wgmma operand)."""
+  return plgpu.SMEM(shape, dtype, transforms=_tile_transforms())
+
+
+def _launch(kernel, *, out_type, scratch_types, grid, grid_names, interpret: bool, name: str):
+  """plgpu.kernel with what every kernel here shares: _COMPUTE_WGS compute warpgroups and one
+  memory warpgroup (thread axis "wg"), approximate exp2, Mosaic GPU's interpreter off-GPU."""
+  return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch_types, grid=grid,
+                      grid_names=grid_names, num_threads=_COMPUTE_WGS + 1, thread_name="wg",
+                      compiler_params=plgpu.CompilerParams(approx_math=True),
+                      interpret=_interpret_params(interpret), kernel_name=name)
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _forward(q, k, v, slope_rows, *, window, scale, alibi, block_sizes, interpret):
   """-> (out [batch, length, heads, head_dim], lse [batch, heads, length] f32, base 2)."""
@@ -377,10 +391,10 @@ def _forward(q, k, v, slope_rows, *, window, scale, alibi, block_sizes, interpre
   bs = block_sizes
   steps = _key_steps(length, window, bs.block_k)
   stages = min(bs.stages, steps)
-  tile = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=_tile_transforms())
+  tile = functools.partial(_tile, q.dtype)
   kernel = functools.partial(_fwd_kernel, scale=scale, window=window, block_k=bs.block_k,
                              stages=stages, steps=steps, group=heads // k.shape[2], alibi=alibi)
-  return plgpu.kernel(
+  return _launch(
       kernel,
       out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)],
@@ -399,11 +413,8 @@ def _forward(q, k, v, slope_rows, *, window, scale, alibi, block_sizes, interpre
       ],
       grid=(heads, length // (_COMPUTE_WGS * _ROWS), batch),
       grid_names=("heads", "q_seq", "batch"),
-      num_threads=_COMPUTE_WGS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_interpret_params(interpret),
-      kernel_name="sliding_window_mosaic_fwd",
+      interpret=interpret,
+      name="sliding_window_mosaic_fwd",
   )(q, k, v, slope_rows)
 
 
@@ -563,10 +574,10 @@ def _dq(q, k, v, slope_rows, do, lse, delta, *, window, scale, alibi, block_size
   bs = block_sizes
   steps = _key_steps(length, window, bs.block_k_dq)
   stages = min(bs.stages_dq, steps)
-  tile = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=_tile_transforms())
+  tile = functools.partial(_tile, q.dtype)
   kernel = functools.partial(_dq_kernel, scale=scale, window=window, block_k=bs.block_k_dq,
                              stages=stages, steps=steps, group=heads // k.shape[2], alibi=alibi)
-  return plgpu.kernel(
+  return _launch(
       kernel,
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_types=[
@@ -582,11 +593,8 @@ def _dq(q, k, v, slope_rows, do, lse, delta, *, window, scale, alibi, block_size
       ],
       grid=(heads, length // (_COMPUTE_WGS * _ROWS), batch),
       grid_names=("heads", "q_seq", "batch"),
-      num_threads=_COMPUTE_WGS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_interpret_params(interpret),
-      kernel_name="sliding_window_mosaic_bwd_dq",
+      interpret=interpret,
+      name="sliding_window_mosaic_bwd_dq",
   )(q, k, v, slope_rows, do, lse, delta)
 
 
@@ -599,10 +607,10 @@ def _dkv(q, k, v, slope_rows, do, lse, delta, *, window, scale, alibi, block_siz
   bs = block_sizes
   steps = _query_steps(length, window, bs.block_q_dkv)
   stages = min(bs.stages_dkv, group * steps)
-  tile = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=_tile_transforms())
+  tile = functools.partial(_tile, q.dtype)
   kernel = functools.partial(_dkv_kernel, scale=scale, window=window, block_q=bs.block_q_dkv,
                              stages=stages, steps=steps, group=group, alibi=alibi)
-  return plgpu.kernel(
+  return _launch(
       kernel,
       out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_types=[
@@ -620,11 +628,8 @@ def _dkv(q, k, v, slope_rows, do, lse, delta, *, window, scale, alibi, block_siz
       ],
       grid=(kv_heads, length // (_COMPUTE_WGS * _ROWS), batch),
       grid_names=("kv_heads", "k_seq", "batch"),
-      num_threads=_COMPUTE_WGS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_interpret_params(interpret),
-      kernel_name="sliding_window_mosaic_bwd_dkv",
+      interpret=interpret,
+      name="sliding_window_mosaic_bwd_dkv",
   )(q, k, v, slope_rows, do, lse, delta)
 
 
