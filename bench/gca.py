@@ -1,10 +1,12 @@
-"""FlashGCA (kernels_pallas/gca.py) against the XLA reference at the paper's training shape.
+"""Every registered GCA implementation against the XLA reference at the paper's training shape.
 
 `python3 bench/gca.py --out FILE.json [--tune]` on a GPU. One run: correctness of every timed
-kernel variant against the f32 reference, then median forward and forward+backward (grads of q,
-k_mem, v_mem, weights) times of the kernel (its gather included) and of gca_reference (jitted XLA,
-gather included), the device's copy bandwidth, and the kernel's achieved bandwidth. Prints a table
-last and writes everything to FILE.json.
+implementation of the GCA op (drt_jax/model/attention_impls.py: the Triton kernels, the Mosaic GPU
+ones once registered; one that cannot run this shape is listed with its reason) against the f32
+reference, then median forward and forward+backward (grads of q, k_mem, v_mem, weights) times of
+each (its gather included) and of the reference ("xla", jitted, gather included), the device's
+copy bandwidth, and each kernel's achieved bandwidth. --tune adds Triton block-size variants.
+Prints a table last and writes everything to FILE.json.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drt_jax.model import attention_impls
 from kernels_pallas import gca as gca_lib
 
 # docs/specification.md §2.9: 4 x 259 query chunks of 64 rows, 12 heads of 64, k = 8 over 260 memory
@@ -25,8 +28,8 @@ SHAPE = dict(batch=4, chunks=259, chunk_len=64, heads=12, kv_heads=12, head_dim=
              mem_chunks=260, k=8)
 SETTINGS = dict(scale=64**-0.5, num_keys=63, softmax_off_by_one=True)
 
-# Variants timed with --tune, each against the default (which the table in kernels_pallas/gca.py
-# sets): forward stages 1/3, and each backward kernel's stages changed alone.
+# Triton variants timed with --tune, each against the default (which the table in
+# kernels_pallas/gca.py sets): forward stages 1/3, and each backward kernel's stages changed alone.
 TUNE = {
     "fwd_s1": dict(num_stages=1),
     "fwd_s3": dict(num_stages=3),
@@ -128,6 +131,27 @@ def check(impl, inputs, want):
   return {name: rel_err(g, w) for name, g, w in zip(("out", "dq", "dk", "dv", "dw"), got, want)}
 
 
+def kernel_variants(inputs, tune: bool, unsupported: dict) -> dict:
+  """{name: gca-like function} for every registered kernel impl that runs this shape (the reason
+  of each that does not goes into `unsupported`); Triton's --tune variants as "triton/<variant>"."""
+  q, k_mem, v_mem, indices, weights, _ = inputs
+  interpret = jax.default_backend() != "gpu"
+  runnable, reasons = attention_impls.GCA.kernels(q, k_mem, v_mem, indices, weights, **SETTINGS)
+  for name, reason in reasons.items():
+    print(f"{name}: not timed ({reason})", flush=True)
+  unsupported.update(reasons)
+  variants = {}
+  for name, entry in runnable.items():
+    variants[name] = functools.partial(entry.fn, interpret=interpret, **SETTINGS)
+    if name == "triton":  # its tiles named, so the report records them
+      default = gca_lib.default_block_sizes(q.dtype, SHAPE["chunk_len"], SHAPE["head_dim"])
+      variants[name] = functools.partial(variants[name], block_sizes=default)
+      for variant, changes in TUNE.items() if tune else ():
+        variants[f"triton/{variant}"] = functools.partial(
+            variants[name], block_sizes=dataclasses.replace(default, **changes))
+  return variants
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True)
@@ -145,18 +169,15 @@ def main():
         f32(q), f32(k_mem), f32(v_mem), indices, weights, f32(do))
   want = (want[0], *want[1])
 
-  default = gca_lib.default_block_sizes(q.dtype, SHAPE["chunk_len"], SHAPE["head_dim"])
-  variants = {"default": default}
-  if args.tune:
-    variants.update({name: dataclasses.replace(default, **kw) for name, kw in TUNE.items()})
   results = dict(device=str(device.device_kind), platform=device.platform,
                  compute_capability=getattr(device, "compute_capability", None),
                  jax=jax.__version__, shape=SHAPE, settings=SETTINGS,
                  date=time.strftime("%Y-%m-%d %H:%M:%S"), traffic=traffic(weights),
-                 copy=copy_bandwidth(args.reps, args.inner), kernel={})
-  for name, bs in variants.items():
-    impl = functools.partial(gca_lib.gca, block_sizes=bs, **SETTINGS)
-    entry = dict(block_sizes=dataclasses.asdict(bs), rel_err=check(impl, inputs, want))
+                 copy=copy_bandwidth(args.reps, args.inner), kernel={}, unsupported={})
+  for name, impl in kernel_variants(inputs, args.tune, results["unsupported"]).items():
+    block_sizes = impl.keywords.get("block_sizes")
+    entry = dict(block_sizes=block_sizes and dataclasses.asdict(block_sizes),
+                 rel_err=check(impl, inputs, want))
     entry["fwd"] = time_ms(fwd_only(impl), inputs, args.reps, args.inner)
     entry["fwd_bwd"] = time_ms(fwd_bwd(impl), inputs, args.reps, args.inner)
     results["kernel"][name] = entry
@@ -166,7 +187,7 @@ def main():
   results["reference"] = dict(fwd=time_ms(fwd_only(ref), inputs, args.reps, args.inner),
                               fwd_bwd=time_ms(fwd_bwd(ref), inputs, args.reps, args.inner))
   results["retrievers"] = time_ms(
-      jax.jit(lambda i, w: gca_lib._retrievers(i, w, SHAPE["mem_chunks"])), (indices, weights),
+      jax.jit(lambda i, w: gca_lib.retrievers(i, w, SHAPE["mem_chunks"])), (indices, weights),
       args.reps, args.inner)
 
   tr, copy_gbps = results["traffic"], results["copy"]["gbps"]
@@ -189,11 +210,11 @@ def main():
 
   print(f"\n{results['device']}  copy {copy_gbps:.0f} GB/s  reference fwd {ref_fwd:.3f} ms  "
         f"fwd+bwd {ref_fb:.3f} ms  retrievers {results['retrievers']['median_ms']:.3f} ms")
-  print(f"{'variant':>11} {'fwd ms':>7} {'f+b ms':>7} {'bwd ms':>7} {'x fwd':>6} {'x f+b':>6} "
+  print(f"{'impl':>15} {'fwd ms':>7} {'f+b ms':>7} {'bwd ms':>7} {'x fwd':>6} {'x f+b':>6} "
         f"{'fwd GB/s min/gath':>18} {'fwd TF':>7} {'bwd TF':>7} {'max rel err':>11}")
   for name, entry in results["kernel"].items():
     s = entry["summary"]
-    print(f"{name:>11} {s['fwd_ms']:7.3f} {s['fwd_bwd_ms']:7.3f} {s['bwd_ms']:7.3f} "
+    print(f"{name:>15} {s['fwd_ms']:7.3f} {s['fwd_bwd_ms']:7.3f} {s['bwd_ms']:7.3f} "
           f"{s['speedup_fwd']:6.2f} {s['speedup_fwd_bwd']:6.2f} "
           f"{s['fwd_min_gbps']:8.0f}/{s['fwd_gathered_gbps']:<9.0f} {s['fwd_tflops']:7.1f} "
           f"{s['bwd_tflops']:7.1f} {max(entry['rel_err'].values()):11.2e}")

@@ -1,10 +1,14 @@
-"""Sliding-window attention (W=512, ALiBi) on the GPU: Pallas vs cuDNN vs the plain-JAX reference.
+"""Sliding-window attention (W=512, ALiBi) on the GPU: every registered implementation vs cuDNN vs
+the plain-JAX reference.
 
 `python3 bench/sliding_window.py --out FILE.json [--sweep]` on the device. One run checks every
-variant against the float32 reference (highest-precision matmuls) on fresh random bf16 inputs, then
-times forward and forward+backward (per-call median over --reps groups of back-to-back calls, each
-group synchronised, after warm-up) and prints a table last. --sweep first times each kernel alone
-over candidate tile sizes and uses the fastest of each kernel for the end-to-end rows.
+implementation of the op (drt_jax/model/attention_impls.py: Triton, Mosaic GPU once registered;
+one that cannot run the shape is listed with its reason) with and without ALiBi, cuDNN's window
+(no ALiBi) and the reference ("xla") against the float32 reference (highest-precision matmuls) on
+fresh random bf16 inputs, then times forward and forward+backward (per-call median over --reps
+groups of back-to-back calls, each group synchronised, after warm-up) and prints a table last.
+--sweep first times each Triton kernel alone over candidate tile sizes and uses the fastest of
+each kernel for the Triton rows.
 
 FLOPs count only visible (query, key) pairs: 4 * head_dim per pair forward (QK^T and PV), 2.5x
 that backward (5 matmuls, with the QK^T recomputation), so forward+backward = 3.5x forward.
@@ -19,15 +23,13 @@ import os
 import statistics
 import sys
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drt_jax.model import attention_impls
 from kernels_pallas import sliding_window as sw
-
-warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 
 # Candidate tiles per kernel: (queries, keys, warps, stages); for dK/dV (keys per program, queries).
 FWD_CANDIDATES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 4, 3),
@@ -112,6 +114,28 @@ def sweep(q, k, v, slopes, do, want, *, window, scale, reps, interpret):
   return rows, chosen
 
 
+def timed_impls(q, k, v, slopes, *, window, scale, block_sizes, interpret):
+  """({row name: attention(q, k, v)}, {impl: why it cannot run this shape}): every registered
+  kernel implementation of the op (drt_jax/model/attention_impls.py) with and without ALiBi
+  (Triton with `block_sizes`), cuDNN's sliding window (no ALiBi: it has none but a dense bias),
+  and the plain-JAX reference ("xla") last."""
+  op = attention_impls.SLIDING_WINDOW
+  settings = dict(window=window, scale=scale)
+  runnable, unsupported = op.kernels(q, k, v, slopes, **settings)
+  for name, reason in unsupported.items():
+    print(f"{name}: not timed ({reason})", flush=True)
+  rows = {}
+  for name, entry in runnable.items():
+    extra = dict(block_sizes=block_sizes) if name == "triton" else {}
+    fn = functools.partial(entry.fn, interpret=interpret, **settings, **extra)
+    rows[f"{name}_alibi"] = functools.partial(fn, slopes=slopes)
+    rows[f"{name}_no_alibi"] = fn
+  rows["cudnn_no_alibi"] = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, scale=scale, is_causal=True, local_window_size=(window, 0), implementation="cudnn")
+  rows["xla_alibi"] = functools.partial(op.implementations["xla"].fn, slopes=slopes, **settings)
+  return rows, unsupported
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--out", required=True)
@@ -155,18 +179,8 @@ def main():
     block_sizes = sw.SlidingWindowBlockSizes.for_device()
   result["block_sizes"] = dataclasses.asdict(block_sizes)
 
-  impls = {
-      "pallas_alibi": lambda q, k, v: sw.sliding_window_attention(
-          q, k, v, slopes, window=window, scale=scale, block_sizes=block_sizes,
-          interpret=args.interpret),
-      "pallas_no_alibi": lambda q, k, v: sw.sliding_window_attention(
-          q, k, v, window=window, scale=scale, block_sizes=block_sizes, interpret=args.interpret),
-      "cudnn_no_alibi": lambda q, k, v: jax.nn.dot_product_attention(
-          q, k, v, scale=scale, is_causal=True, local_window_size=(window, 0),
-          implementation="cudnn"),
-      "reference_alibi": lambda q, k, v: sw.sliding_window_reference(
-          q, k, v, slopes, window=window, scale=scale),
-  }
+  impls, result["unsupported"] = timed_impls(q, k, v, slopes, window=window, scale=scale,
+                                             block_sizes=block_sizes, interpret=args.interpret)
   want_no_alibi = reference_f32(None)
   fwd_flops = 4 * args.batch * args.heads * args.head_dim * visible_pairs(args.length, window)
   rows = {}
@@ -180,7 +194,7 @@ def main():
       row["rel_err"] = {"out": rel_err(out, oracle["out"]),
                         **{n: rel_err(g, oracle[n]) for n, g in zip(("dq", "dk", "dv"), grads)}}
       row["finite"] = bool(all(jnp.isfinite(x).all() for x in (out, *grads)))
-      calls = 2 if name.startswith("reference") else 10
+      calls = 2 if name.startswith("xla") else 10
       row["fwd"] = time_fn(fwd, q, k, v, reps=args.reps, calls=calls)
       row["fwd_bwd"] = time_fn(train, q, k, v, do, reps=args.reps, calls=calls)
       row["fwd"]["tflops"] = fwd_flops / row["fwd"]["median_ms"] / 1e9
@@ -190,13 +204,15 @@ def main():
     rows[name] = row
     print(name, json.dumps(row), flush=True)
   result["impls"] = rows
-  mine = rows["pallas_alibi"]
   ratios = {}
-  for other in ("cudnn_no_alibi", "reference_alibi"):
-    if "fwd" in mine and "fwd" in rows[other]:
-      for phase in ("fwd", "fwd_bwd"):
-        ratios[f"{phase}_pallas_over_{other}"] = (mine[phase]["median_ms"]
-                                                  / rows[other][phase]["median_ms"])
+  kernels = [name for name in rows if name.endswith("_alibi") and "no_alibi" not in name
+             and name != "xla_alibi"]
+  for name in kernels:
+    for other in ("cudnn_no_alibi", "xla_alibi"):
+      if "fwd" in rows[name] and "fwd" in rows[other]:
+        for phase in ("fwd", "fwd_bwd"):
+          ratios[f"{phase}_{name}_over_{other}"] = (rows[name][phase]["median_ms"]
+                                                   / rows[other][phase]["median_ms"])
   result["ratios"] = ratios
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)

@@ -81,8 +81,11 @@ def load(path: str, overrides: list[str]):
 def measure(path: str, overrides: list[str], steps: int, warmup: int, profile_steps: int = 0,
             profile_dir: str = "") -> dict:
   config, model_config = load(path, overrides)
+  start = time.perf_counter()
   trainer = train_lib.Trainer(config, model_config, train_lib.make_mesh(config.mesh))
   state = trainer.init_state(config.seed)
+  # Printed because a device command has a time limit: the steps are not all a run costs.
+  print(f"  initialised in {time.perf_counter() - start:.0f} s", flush=True)
   rng = np.random.default_rng(0)
   shape = (config.train.global_batch_size // jax.process_count(), config.data.seq_len)
   batches = [trainer.global_batch({"inputs": rng.integers(0, min(model_config.vocab_size, 50257),
@@ -185,6 +188,7 @@ def main():
     for path, overrides in runs:  # every config checked before anything is compiled
       load(path, overrides)
     profile_dir = args.profile_dir or os.path.dirname(os.path.abspath(args.out))
+    begin = time.perf_counter()
     results = []
     for path, overrides in runs:
       print(f"measuring {path} {' '.join(overrides)}", flush=True)
@@ -193,7 +197,8 @@ def main():
       r = results[-1]
       # One line and a rewritten JSON per config, so a run cut short keeps what it measured.
       print(f"measured {path} {' '.join(overrides)}: {r['step_s_median'] * 1e3:.1f} ms/step, "
-            f"compile {r['compile_s']:.0f} s", flush=True)
+            f"compile {r['compile_s']:.0f} s, {time.perf_counter() - begin:.0f} s since start",
+            flush=True)
       write_report(args.out, results, args.baseline is not None and len(results) == len(runs))
   except config_lib.ConfigError as error:
     raise SystemExit(f"error: {error}") from None

@@ -48,7 +48,11 @@ def get_config() -> ml_collections.ConfigDict:
   # ("shared", the original's "max over heads").
   model.landmark_selection = "per_head"
   model.init_std = 0.02
-  model.impl = "xla"  # attention/GCA implementation: "xla" or "pallas" (landmark: "xla" only)
+  # Attention/GCA kernels (drt_jax/model/attention_impls.py): "auto" (Triton on Hopper and A100
+  # until the Mosaic kernels pass bench/impl_parity.py, XLA elsewhere), "mosaic", "triton" (Pallas
+  # interpreter off-GPU) or "xla" (plain JAX); an op a kernel cannot run falls back
+  # mosaic -> triton -> xla. Landmark: "auto" or "xla".
+  model.impl = "xla"
   model.dtype = "bfloat16"  # compute dtype; params stay float32
   model.remat = False  # rematerialise every block in the backward pass
 

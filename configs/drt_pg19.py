@@ -16,7 +16,7 @@ from configs import base
 def get_config():
   config = base.get_config()
   config.model.vocab_size = 0  # the tokenizer's
-  config.model.impl = "pallas"
+  config.model.impl = "auto"  # the fastest kernels of the device (attention_impls.py)
   config.data.source = "text"
   config.data.path = "pg19/train"
   config.data.eval_path = "pg19/validation"

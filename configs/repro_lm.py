@@ -26,7 +26,7 @@ def get_config():
   model.chunk_len = 63
   model.window = 256
   model.topk = 8
-  model.impl = "pallas"
+  model.impl = "auto"  # the fastest kernels of the device (attention_impls.py)
 
   data = config.data
   data.source = "pystdlib"

@@ -1,8 +1,9 @@
 """First-run check of an install: `python -m drt_jax.check [--platform gpu]`.
 
-Prints the versions, JAX's platform and devices, then compiles and runs one training step of a
-tiny DRT (random tokens, no data) on them, so that a silent fallback to the CPU shows before a real
-run. With --platform, exits with a one-line error unless JAX runs on that platform.
+Prints the versions, JAX's platform and devices, the attention kernels model.impl="auto" picks
+there (model/attention_impls.py), then compiles and runs one training step of a tiny DRT (random
+tokens, no data) on them, so that a silent fallback to the CPU shows before a real run. With
+--platform, exits with a one-line error unless JAX runs on that platform.
 """
 
 import argparse
@@ -15,6 +16,7 @@ import numpy as np
 from configs import tiny
 from drt_jax import config as config_lib
 from drt_jax import train_lib
+from drt_jax.model import attention_impls
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 
@@ -59,6 +61,8 @@ def main(argv=None) -> int:
               "the machine's CUDA jax is the one this Python imports)")
     print(f"error: JAX runs on {platform}, not {args.platform}{hint}", file=sys.stderr)
     return 1
+  order = attention_impls.implementation_order(*attention_impls.local_device(), "auto")
+  print("model.impl='auto' here: " + " -> ".join(order))
   loss, seconds, vocab = tiny_step()
   if not np.isfinite(loss):
     print(f"error: the tiny training step gave loss {loss}", file=sys.stderr)

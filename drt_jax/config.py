@@ -15,9 +15,9 @@ ARCHS = ("drt", "swa", "full", "landmark")  # model/architectures.py registers e
 LANDMARK_SELECTIONS = ("per_head", "shared")
 RETRIEVAL_MODES = ("learned", "random")
 RESIDUALS = ("reference", "standard")
-IMPLS = ("xla", "pallas")
+# Attention kernels (model/attention_impls.py): "auto" picks by device; the rest are its IMPLS.
+IMPLS = ("auto", "mosaic", "triton", "xla")
 DTYPES = ("bfloat16", "float32")
-PALLAS_CHUNK_SIZES = (32, 64, 128)  # chunk_len + 1 the FlashGCA kernel tiles
 WANDB_MODES = ("online", "offline")
 
 
@@ -97,7 +97,9 @@ class ModelConfig:
       _boolean(f(name), getattr(self, name))
     _one_of(f("retrieval"), self.retrieval, RETRIEVAL_MODES)
     _one_of(f("residual"), self.residual, RESIDUALS)
-    _one_of(f("impl"), self.impl, IMPLS)
+    _require(self.impl in IMPLS, f("impl"), self.impl,
+             "must be one of " + ", ".join(map(repr, IMPLS)) + " (the former 'pallas' is "
+             "'auto' on a GPU, 'triton' for the Triton kernels anywhere)")
     _one_of(f("dtype"), self.dtype, DTYPES)
     _one_of(f("landmark_selection"), self.landmark_selection, LANDMARK_SELECTIONS)
     for name in ("rms_eps", "encoder_rms_eps", "rope_theta", "init_std"):

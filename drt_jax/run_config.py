@@ -58,10 +58,20 @@ def with_defaults(saved: dict, defaults: dict | None = None) -> dict:
   return out
 
 
+# model.impl values older runs saved, by the value that now means the same execution choice:
+# "pallas" ran the fastest kernels of the device, which "auto" picks (attention_impls.py). impl
+# does not change what was trained (FREE_FIELDS), so a saved run simply runs on today's choice.
+RENAMED_IMPLS = {"pallas": "auto"}
+
+
 def read_saved(file: str) -> dict:
-  """The values of a config.json, with defaults for the fields it lacks (with_defaults)."""
+  """The values of a config.json, with defaults for the fields it lacks (with_defaults) and
+  model.impl renamed where RENAMED_IMPLS says."""
   with open(file) as f:
-    return with_defaults(json.load(f))
+    values = with_defaults(json.load(f))
+  model = values["model"]
+  model["impl"] = RENAMED_IMPLS.get(model["impl"], model["impl"])
+  return values
 
 
 def load_saved(path: str) -> ml_collections.ConfigDict:

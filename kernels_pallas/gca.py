@@ -16,6 +16,7 @@ query rows per sequence) compute the same function with fused Pallas kernels.
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 from jax import lax
@@ -155,12 +156,13 @@ def default_block_sizes(dtype, mem_len: int, head_dim: int) -> GCABlockSizes:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
-  """Hashable static settings shared by the jitted forward and backward."""
+class KernelSettings:
+  """Hashable static settings shared by the jitted forward and backward of a GCA kernel pair
+  (block_sizes: that family's own block-size type)."""
   scale: float
   num_keys: int
   softmax_off_by_one: bool
-  block_sizes: GCABlockSizes
+  block_sizes: Any
   interpret: bool
 
 
@@ -293,7 +295,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, order_ref, starts_
   dv_ref[b, m, :, kvh, :] = dv.astype(dv_ref.dtype)
 
 
-def _block_q(st: _Static, chunk_len: int) -> int:
+def _block_q(st: KernelSettings, chunk_len: int) -> int:
   return min(st.block_sizes.block_q, chunk_len)
 
 
@@ -305,7 +307,7 @@ def _row_grid(q, st):
 
 
 @functools.partial(jax.jit, static_argnames=("st",))
-def _gca_fwd_call(q, k_mem, v_mem, indices, weights, st: _Static):
+def _gca_fwd_call(q, k_mem, v_mem, indices, weights, st: KernelSettings):
   batch, chunks, chunk_len, heads, _ = q.shape
   bs = st.block_sizes
   kernel = functools.partial(_fwd_kernel, scale=st.scale, num_keys=st.num_keys,
@@ -321,7 +323,7 @@ def _gca_fwd_call(q, k_mem, v_mem, indices, weights, st: _Static):
   )(q, k_mem, v_mem, indices, weights)
 
 
-def _retrievers(indices, weights, mem_chunks):
+def retrievers(indices, weights, mem_chunks):
   """Inverted index: order [batch, chunks * k] of flat slot ids sorted by the chunk they retrieve
   (weight-0 slots last), and starts [batch, mem_chunks + 1] delimiting each chunk's run.
 
@@ -338,7 +340,7 @@ def _retrievers(indices, weights, mem_chunks):
 
 
 @functools.partial(jax.jit, static_argnames=("st",))
-def _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st: _Static):
+def _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st: KernelSettings):
   batch, chunks, chunk_len, heads, _ = q.shape
   _, mem_chunks, _, kv_heads, _ = k_mem.shape
   num_slots = indices.shape[2]
@@ -354,7 +356,7 @@ def _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st: _Static):
                                               num_stages=bs.num_stages_dq),
       interpret=st.interpret, name="flash_gca_bwd_dq",
   )(q, k_mem, v_mem, indices, weights, do, lse)
-  order, starts = _retrievers(indices, weights, mem_chunks)
+  order, starts = retrievers(indices, weights, mem_chunks)
   dk, dv = pl.pallas_call(
       # Early chunks are retrieved most often (causal retrieval); chunk-major order starts their
       # long loops first so they do not trail at the end of the launch.
@@ -369,36 +371,66 @@ def _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st: _Static):
   return dq, dk, dv, dw.astype(weights.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _gca(q, k_mem, v_mem, indices, weights, st):
-  return _gca_fwd_call(q, k_mem, v_mem, indices, weights, st)[0]
+def differentiable(fwd_call, bwd_call):
+  """GCA over a kernel pair as a custom-VJP function of (q, k_mem, v_mem, indices, weights, *,
+  scale, num_keys, softmax_off_by_one, block_sizes, interpret) for inputs already checked; the
+  Triton kernels here and the Mosaic GPU ones (gca_mosaic.py) share it.
+
+  fwd_call(q, k_mem, v_mem, indices, weights, st) -> (out, lse);
+  bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st) -> (dq, dk_mem, dv_mem, dweights);
+  st: KernelSettings. Indices outside [0, mem_chunks) are clipped, as gca_reference's gather
+  does; they get no gradient.
+  """
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+  def attention(q, k_mem, v_mem, indices, weights, st):
+    return fwd_call(q, k_mem, v_mem, indices, weights, st)[0]
+
+  def forward(q, k_mem, v_mem, indices, weights, st):
+    out, lse = fwd_call(q, k_mem, v_mem, indices, weights, st)
+    return out, (q, k_mem, v_mem, indices, weights, lse)
+
+  def backward(st, residuals, do):
+    dq, dk, dv, dw = bwd_call(*residuals, do, st)
+    return dq, dk, dv, None, dw
+
+  attention.defvjp(forward, backward)
+
+  def run(q, k_mem, v_mem, indices, weights, *, scale, num_keys, softmax_off_by_one,
+          block_sizes, interpret):
+    st = KernelSettings(scale=float(scale), num_keys=int(num_keys),
+                        softmax_off_by_one=bool(softmax_off_by_one), block_sizes=block_sizes,
+                        interpret=bool(interpret))
+    indices = jnp.clip(indices.astype(jnp.int32), 0, k_mem.shape[1] - 1)
+    return attention(q, k_mem, v_mem, indices, weights, st)
+  return run
 
 
-def _gca_vjp_fwd(q, k_mem, v_mem, indices, weights, st):
-  out, lse = _gca_fwd_call(q, k_mem, v_mem, indices, weights, st)
-  return out, (q, k_mem, v_mem, indices, weights, lse)
+_gca = differentiable(_gca_fwd_call, _gca_bwd_call)
 
 
-def _gca_vjp_bwd(st, residuals, do):
-  q, k_mem, v_mem, indices, weights, lse = residuals
-  dq, dk, dv, dw = _gca_bwd_call(q, k_mem, v_mem, indices, weights, lse, do, st)
-  return dq, dk, dv, None, dw
-
-
-_gca.defvjp(_gca_vjp_fwd, _gca_vjp_bwd)
-
-
-def _check_kernel_shapes(q, k_mem, block_sizes):
-  chunk_len, head_dim = q.shape[2], q.shape[4]
-  mem_len = k_mem.shape[2]
+def _kernel_limits(chunk_len: int, mem_len: int, head_dim: int, dtype, mem_dtype) -> str | None:
+  """What the kernels' tiles cannot hold (gca_reference can), in one line, or None."""
   for name, value, top in (("chunk_len", chunk_len, 128), ("mem_len", mem_len, 128),
                            ("head_dim", head_dim, 256)):
     if value < 16 or value > top or value & (value - 1):
-      raise ValueError(f"{name}={value} must be a power of two in [16, {top}]")
-  if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-    raise ValueError(f"q dtype {q.dtype} must be bfloat16, float16 or float32")
-  if k_mem.dtype != q.dtype:
-    raise ValueError(f"k_mem/v_mem dtype {k_mem.dtype} must equal q dtype {q.dtype}")
+      return f"{name}={value} must be a power of two in [16, {top}]"
+  if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    return f"q dtype {dtype} must be bfloat16, float16 or float32"
+  if mem_dtype != dtype:
+    return f"k_mem/v_mem dtype {mem_dtype} must equal q dtype {dtype}"
+  return None
+
+
+def unsupported_reason(q, k_mem, v_mem, indices, weights, **settings) -> str | None:
+  """Why `gca` cannot run these inputs (one line), or None. Takes gca's arguments; none of its
+  settings limits the kernels."""
+  return _kernel_limits(q.shape[2], k_mem.shape[2], q.shape[4], q.dtype, k_mem.dtype)
+
+
+def _check_kernel_shapes(q, k_mem, block_sizes):
+  reason = _kernel_limits(q.shape[2], k_mem.shape[2], q.shape[4], q.dtype, k_mem.dtype)
+  if reason is not None:
+    raise ValueError(reason)
   if block_sizes is not None and not isinstance(block_sizes, GCABlockSizes):
     raise ValueError(f"block_sizes={block_sizes!r} must be a GCABlockSizes or None")
 
@@ -424,19 +456,16 @@ def gca(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int | None
   _check_kernel_shapes(q, k_mem, block_sizes)
   if block_sizes is None:
     block_sizes = default_block_sizes(q.dtype, k_mem.shape[2], q.shape[4])
-  st = _Static(scale=float(scale), num_keys=int(num_keys),
-               softmax_off_by_one=bool(softmax_off_by_one), block_sizes=block_sizes,
-               interpret=bool(interpret))
-  indices = jnp.clip(indices.astype(jnp.int32), 0, k_mem.shape[1] - 1)
-  return _gca(q, k_mem, v_mem, indices, weights, st)
+  return _gca(q, k_mem, v_mem, indices, weights, scale=scale, num_keys=num_keys,
+              softmax_off_by_one=softmax_off_by_one, block_sizes=block_sizes, interpret=interpret)
 
 
-def _check_decode_inputs(q, indices, weights):
+def check_decode_inputs(q, indices, weights):
   if q.ndim != 4 or indices.ndim != 2 or indices.shape != weights.shape:
     raise ValueError(f"q {q.shape}, indices {indices.shape}, weights {weights.shape}: expected q "
                      "[batch, rows, heads, head_dim] and indices/weights [batch, k]")
-  if not 1 <= q.shape[1] <= 128:
-    raise ValueError(f"rows={q.shape[1]} must be in [1, 128]")
+  if q.shape[1] < 1:
+    raise ValueError(f"rows={q.shape[1]} must be >= 1")
 
 
 def gca_decode_reference(q, k_mem, v_mem, indices, weights, *, scale: float,
@@ -446,9 +475,22 @@ def gca_decode_reference(q, k_mem, v_mem, indices, weights, *, scale: float,
   q [batch, rows, heads, head_dim]; k_mem, v_mem [batch, mem_chunks, mem_len, kv_heads, head_dim];
   indices, weights [batch, k]. Returns [batch, rows, heads, head_dim].
   """
-  _check_decode_inputs(q, indices, weights)
+  check_decode_inputs(q, indices, weights)
   return gca_reference(q[:, None], k_mem, v_mem, indices[:, None], weights[:, None], scale=scale,
                        num_keys=num_keys, softmax_off_by_one=softmax_off_by_one)[:, 0]
+
+
+def _decode_rows(rows: int) -> int:
+  # The rows form one query chunk padded to the smallest tile a Triton dot takes.
+  return max(16, pl.next_power_of_2(rows))
+
+
+def decode_unsupported_reason(q, k_mem, v_mem, indices, weights, **settings) -> str | None:
+  """Why `gca_decode` cannot run these inputs (one line), or None. Takes gca_decode's arguments."""
+  if q.shape[1] > 128:
+    return f"rows={q.shape[1]} must be <= 128 (one query tile)"
+  return _kernel_limits(_decode_rows(q.shape[1]), k_mem.shape[2], q.shape[3], q.dtype,
+                        k_mem.dtype)
 
 
 def gca_decode(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int | None = None,
@@ -461,9 +503,11 @@ def gca_decode(q, k_mem, v_mem, indices, weights, *, scale: float, num_keys: int
   q [batch, rows, heads, head_dim], rows in [1, 128]; indices, weights [batch, k].
   Returns [batch, rows, heads, head_dim].
   """
-  _check_decode_inputs(q, indices, weights)
+  check_decode_inputs(q, indices, weights)
+  if q.shape[1] > 128:
+    raise ValueError(decode_unsupported_reason(q, k_mem, v_mem, indices, weights))
   rows = q.shape[1]
-  padded = max(16, pl.next_power_of_2(rows))
+  padded = _decode_rows(rows)
   q = jnp.pad(q, ((0, 0), (0, padded - rows), (0, 0), (0, 0)))
   out = gca(q[:, None], k_mem, v_mem, indices[:, None], weights[:, None], scale=scale,
             num_keys=num_keys, softmax_off_by_one=softmax_off_by_one, block_sizes=block_sizes,

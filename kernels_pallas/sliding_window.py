@@ -29,7 +29,7 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
   return 2.0 ** (-8.0 * np.arange(1, num_heads + 1) / num_heads)
 
 
-def _check_shapes(q, k, v, window):
+def check_shapes(q, k, v, window):
   if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
     raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: expected q [batch, length, heads, "
                      "head_dim] and k, v [batch, length, kv_heads, head_dim]")
@@ -58,7 +58,7 @@ def sliding_window_reference(q, k, v, slopes=None, *, window: int, scale: float,
   Returns:
     [batch, length, heads, head_dim] in q's dtype; softmax and accumulation in float32.
   """
-  _check_shapes(q, k, v, window)
+  check_shapes(q, k, v, window)
   batch, length, heads, head_dim = q.shape
   kv_heads = k.shape[2]
   group = heads // kv_heads
@@ -186,7 +186,7 @@ def _visible(q_pos, k_pos, window: int):
   return (distance >= 0) & (distance <= window)
 
 
-def _key_blocks(q0, block_q: int, block_k: int, window: int):
+def key_blocks(q0, block_q: int, block_k: int, window: int):
   """Key blocks seen by queries [q0, q0 + block_q) as (first, first unmasked, end unmasked, end).
 
   Blocks in [first unmasked, end unmasked) are wholly visible to every query of the block:
@@ -199,8 +199,8 @@ def _key_blocks(q0, block_q: int, block_k: int, window: int):
   return first, mid_first, mid_end, end
 
 
-def _query_blocks(k0, block_k: int, block_q: int, window: int, num_q_blocks: int):
-  """Query blocks that see keys [k0, k0 + block_k), as _key_blocks orders them.
+def query_blocks(k0, block_k: int, block_q: int, window: int, num_q_blocks: int):
+  """Query blocks that see keys [k0, k0 + block_k), as key_blocks orders them.
 
   Wholly visible blocks start at or after the last key (q0 >= k0 + block_k - 1) and end within the
   window of the first key (q0 + block_q - 1 <= k0 + window).
@@ -266,7 +266,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, lse_ref, *, scale, window
 
   carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
-  acc, row_max, row_sum = _three_range_loop(body, _key_blocks(q0, block_q, block_k, window), carry)
+  acc, row_max, row_sum = _three_range_loop(body, key_blocks(q0, block_q, block_k, window), carry)
   o_ref[...] = (acc / row_sum[:, None]).astype(o_ref.dtype)
   lse = row_max + jnp.log2(row_sum)
   if alibi:
@@ -288,7 +288,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref, dk_r
   precision = _precision(k.dtype)
   rows = jnp.arange(block_q)
   cols = jnp.arange(block_k)
-  bounds = _query_blocks(k0, block_k, block_q, window, length // block_q)
+  bounds = query_blocks(k0, block_k, block_q, window, length // block_q)
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   for g in range(group):
     slope = slope_ref[g] * _LOG2E
@@ -350,7 +350,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, slope_ref, do_ref, lse_ref, delta_ref, dq_re
     ds = p * (dp - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
 
-  dq = _three_range_loop(body, _key_blocks(q0, block_q, block_k, window),
+  dq = _three_range_loop(body, key_blocks(q0, block_q, block_k, window),
                          jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
@@ -438,41 +438,59 @@ def _backward(q, k, v, slopes, out, lse, do, **static):
   return _dq(q, k, v, slopes, do, lse, delta, **static), dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _attention(q, k, v, slopes, window, scale, alibi, block_sizes, interpret):
-  return _forward(q, k, v, slopes, window=window, scale=scale, alibi=alibi,
-                  block_sizes=block_sizes, interpret=interpret)[0]
+def differentiable(forward, backward):
+  """Sliding-window attention as a custom-VJP function of (q, k, v, slopes, window, scale, alibi,
+  block_sizes, interpret) over a kernel pair; the Triton kernels here and the Mosaic GPU ones
+  (sliding_window_mosaic.py) share it.
+
+  forward(q, k, v, slopes, **static) -> (out, lse);
+  backward(q, k, v, slopes, out, lse, do, **static) -> (dq, dk, dv), static being window, scale,
+  alibi, block_sizes and interpret. slopes: whatever per-head rows the kernels take.
+  """
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+  def attention(q, k, v, slopes, window, scale, alibi, block_sizes, interpret):
+    return fwd(q, k, v, slopes, window, scale, alibi, block_sizes, interpret)[0]
+
+  def fwd(q, k, v, slopes, window, scale, alibi, block_sizes, interpret):
+    out, lse = forward(q, k, v, slopes, window=window, scale=scale, alibi=alibi,
+                       block_sizes=block_sizes, interpret=interpret)
+    return out, (q, k, v, slopes, out, lse)
+
+  def bwd(window, scale, alibi, block_sizes, interpret, residuals, do):
+    dq, dk, dv = backward(*residuals, do, window=window, scale=scale, alibi=alibi,
+                          block_sizes=block_sizes, interpret=interpret)
+    # The slopes are a fixed buffer (§2.3), not trained: they get no gradient.
+    return dq, dk, dv, jnp.zeros_like(residuals[3])
+
+  attention.defvjp(fwd, bwd)
+  return attention
 
 
-def _attention_fwd(q, k, v, slopes, window, scale, alibi, block_sizes, interpret):
-  out, lse = _forward(q, k, v, slopes, window=window, scale=scale, alibi=alibi,
-                      block_sizes=block_sizes, interpret=interpret)
-  return out, (q, k, v, slopes, out, lse)
+_attention = differentiable(_forward, _backward)
 
 
-def _attention_bwd(window, scale, alibi, block_sizes, interpret, residuals, do):
-  q, k, v, slopes, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, slopes, out, lse, do, window=window, scale=scale, alibi=alibi,
-                         block_sizes=block_sizes, interpret=interpret)
-  # The slopes are a fixed buffer (§2.3), not trained: they get no gradient.
-  return dq, dk, dv, jnp.zeros_like(slopes)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+def unsupported_reason(q, k, v, slopes=None, **settings) -> str | None:
+  """Why sliding_window_attention (q [b, t, heads, d]) or sliding_window_decode (q [b, heads, d],
+  caches for k, v) cannot run these inputs (one line; the references can), or None. None of the
+  functions' settings limits the kernels."""
+  head_dim = q.shape[-1]
+  if not _is_power_of_two(head_dim) or not 16 <= head_dim <= 256:
+    return f"head_dim={head_dim} must be a power of two in [16, 256]"
+  if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    return f"dtype={q.dtype} must be bfloat16, float16 or float32"
+  return None
 
 
 def _check_kernel_inputs(q, slopes):
-  head_dim = q.shape[-1]
-  if not _is_power_of_two(head_dim) or not 16 <= head_dim <= 256:
-    raise ValueError(f"head_dim={head_dim} must be a power of two in [16, 256]")
-  if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-    raise ValueError(f"dtype={q.dtype} must be bfloat16, float16 or float32")
+  reason = unsupported_reason(q, None, None)
+  if reason is not None:
+    raise ValueError(reason)
   heads = q.shape[-2]
   if slopes is not None and jnp.shape(slopes) != (heads,):
     raise ValueError(f"slopes shape {jnp.shape(slopes)} must be (heads,) = ({heads},)")
 
 
-def _slopes_or_zeros(slopes, heads):
+def slopes_or_zeros(slopes, heads):
   return jnp.zeros((heads,), jnp.float32) if slopes is None else jnp.asarray(slopes, jnp.float32)
 
 
@@ -493,7 +511,7 @@ def sliding_window_attention(q, k, v, slopes=None, *, window: int, scale: float,
     [batch, length, heads, head_dim] in q's dtype; softmax and accumulation in float32.
     Differentiable in q, k, v (jax.custom_vjp).
   """
-  _check_shapes(q, k, v, window)
+  check_shapes(q, k, v, window)
   _check_kernel_inputs(q, slopes)
   if k.dtype != q.dtype or v.dtype != q.dtype:
     raise ValueError(f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype} must agree")
@@ -504,7 +522,7 @@ def sliding_window_attention(q, k, v, slopes=None, *, window: int, scale: float,
   # zero cotangent from the slice below and so add nothing to dK/dV.
   pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
   out = _attention(jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad),
-                   _slopes_or_zeros(slopes, q.shape[2]), min(window, padded), float(scale),
+                   slopes_or_zeros(slopes, q.shape[2]), min(window, padded), float(scale),
                    slopes is not None, block_sizes, interpret)
   return out[:, :length]
 
@@ -640,6 +658,6 @@ def sliding_window_decode(q, k_cache, v_cache, slopes=None, *, window: int, scal
   _check_decode_inputs(q, k_cache, v_cache, position, window)
   _check_kernel_inputs(q, slopes)
   block_sizes = SlidingWindowBlockSizes.for_device() if block_sizes is None else block_sizes
-  return _decode(q, k_cache, v_cache, _slopes_or_zeros(slopes, q.shape[1]),
+  return _decode(q, k_cache, v_cache, slopes_or_zeros(slopes, q.shape[1]),
                  jnp.asarray(position, jnp.int32), window=window, scale=float(scale),
                  alibi=slopes is not None, block_sizes=block_sizes, interpret=interpret)

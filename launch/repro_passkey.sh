@@ -20,24 +20,21 @@
 # accuracy by offset and its plots (<stem>_offset.png: accuracy by offset, a line per length).
 # Samples per length: SAMPLES_PER_OFFSET x chunk_len at up to 16x (default 10 x 63 = 630), one per
 # offset beyond (63), 5 depths.
-# GPU time, estimated (not measured) from the aligned evaluation's walls on an H100 (17 / 14 / 64 /
-# 115 s for 50 / 50 / 50 / 20 samples at 1x / 16x / 256x / 1000x in batches of 10, the 1x one
-# mostly compilation): about 0.3 s per sample at 16x, 1.3 s at 256x and 5.7 s at 1000x, plus up to
-# chunk_len - 1 extra token steps per prompt (a prompt ending at a chunk boundary feeds its last
-# chunk token by token). eval batches samples of one offset together (one prompt length), so at
-# 1x and 16x (10 per offset) the batches stay full: per task ~30 s at 1x and ~180 s at 16x. At
-# 256x and 1000x (one sample per offset) a batch holds prompts of 10 lengths, which
-# generate.start prefills one at a time: at the batched rate ~85 s and ~360 s, but batch-1
-# prefill is slower per sample by an unmeasured factor (guess 2-3x: ~4 and ~15 min). So ~11 to
-# ~20 min per task, ~22 to ~40 min for passkey and multikey (more than one session's 30 min of
-# device time: run passkey first), on top of the training (259 + 150 s) when run from scratch.
+# GPU time. Measured on an H200 (2026-12-04, SAMPLES_PER_OFFSET=1, so 65 samples per length
+# prefilled one by one): 54 s at 1x (mostly compilation) and 32 s at 16x, per task. Estimated,
+# not measured, from those and the aligned evaluation's walls: 256x about 8 min and 1000x about
+# 33 min per task at batch 1, since a batch holds prompts of 10 lengths, which generate.start
+# prefills one at a time. The default of 10 samples per offset at up to 16x batches fully and
+# costs about 30 s at 1x and 3 min at 16x per task. Training from scratch adds 245 + 93 s (H200).
 # A command of the device is limited to 10 minutes: run it in pieces, e.g.
 #   TASKS=passkey MULTIPLES="1 16 256" launch/repro_passkey.sh offsets
 #   TASKS=passkey MULTIPLES=1000 launch/repro_passkey.sh offsets
 # (and the same for multikey), or in the background (setsid ... &) and poll the log.
 # NOPROMPT_END=1 measures the same without prompt-end retrieval (files ..._noprompt_end_...).
-# Multikey was not in this model's training mix (data.tasks="passkey"): a model meant to answer it
-# is retrained with LONG_OVERRIDES="data.tasks=passkey,multikey" (or OVERRIDES for both phases).
+# Multikey is not in this model's training mix (data.tasks="passkey"). A model meant to answer it
+# is retrained with OVERRIDES="data.tasks=passkey,multikey", which puts it in both phases. With it in
+# phase 2 only (LONG_OVERRIDES), two runs of the same command on an H200 ended at 94% and 6%
+# teacher-forced multikey accuracy (docs/benchmarks.md).
 # With 10 samples per offset a length's 630 samples bound its accuracy, not each offset's to 1%.
 #
 # Training resumes from each phase's newest checkpoint and a finished phase is skipped, so `train`

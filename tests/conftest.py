@@ -5,7 +5,6 @@ drt_jax, kernels_pallas and configs come from the installed package (`pip instal
 """
 
 import os
-import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tests compile the same small programs many times (and in subprocesses): share compilations.
@@ -15,8 +14,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  (after the cache settings)
 import pytest  # noqa: E402
-
-warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 
 
 def pytest_configure(config):

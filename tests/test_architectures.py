@@ -134,7 +134,7 @@ def test_settings_an_architecture_cannot_take_fail_naming_both():
 
 @pytest.mark.gpu
 def test_full_attention_through_cudnn_matches_xla_and_decodes():
-  """impl="pallas" in bf16 on a GPU runs cuDNN's fused causal attention. Its logits, and decoding
+  """impl="auto" in bf16 on a GPU runs cuDNN's fused causal attention. Its logits, and decoding
   (XLA, masked cache) from it, are as close to the float32 model as XLA's own bf16 forward is:
   bf16 rounding of hidden states moves single logits by a few ulps either way, so the bound is
   relative to XLA's bf16 error, not a fixed tolerance."""
@@ -148,11 +148,11 @@ def test_full_attention_through_cudnn_matches_xla_and_decodes():
   config.model.dtype = "bfloat16"
   xla = lm.make_model(model_config(config))
   xla_error = np.abs(np.asarray(lm.logits(xla, params, tokens), np.float64) - reference).max()
-  config.model.impl = "pallas"
+  config.model.impl = "auto"
   mc = model_config(config)
   cudnn = lm.make_model(mc)
   hlo = jax.jit(lambda p: lm.logits(cudnn, p, tokens)).lower(params).as_text()
-  assert "cudnn" in hlo, "impl='pallas' in bf16 must lower to cuDNN's attention"
+  assert "cudnn" in hlo, "impl='auto' in bf16 must lower to cuDNN's attention"
   got = np.asarray(lm.logits(cudnn, params, tokens), np.float64)
   assert 0 < xla_error < 0.2
   assert np.abs(got - reference).max() <= 2 * xla_error

@@ -11,6 +11,7 @@ def test_check_runs_a_step_and_refuses_another_platform(capsys):
   assert check.main(["--platform", platform]) == 0
   out = capsys.readouterr().out
   assert f"platform {platform}: {jax.device_count()} devices" in out
+  assert "model.impl='auto' here: " in out
   assert out.rstrip().endswith("ok")
   assert check.main(["--platform", other]) == 1
   captured = capsys.readouterr()

@@ -108,7 +108,7 @@ def test_interpret_decode(rows, k, group):
 def test_retrievers_lists_every_valid_slot_once():
   indices = jax.random.randint(jax.random.PRNGKey(3), (2, 9, 5), 0, 6)
   weights = jnp.where(jax.random.uniform(jax.random.PRNGKey(4), (2, 9, 5)) < 0.3, 0.0, 1.0)
-  order, starts = gca_lib._retrievers(indices, weights, 6)
+  order, starts = gca_lib.retrievers(indices, weights, 6)
   for b in range(2):
     for m in range(6):
       got = sorted(np.asarray(order[b, starts[b, m]:starts[b, m + 1]]).tolist())
@@ -183,12 +183,17 @@ def test_gpu_matches_reference(dtype, batch, chunks, chunk_len, heads, kv_heads,
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 2, 16])
 def test_gpu_decode(rows):
+  assert_decode_matches_reference(gca_lib.gca_decode, rows)
+
+
+def assert_decode_matches_reference(gca_decode, rows: int):
+  """A kernel family's gca_decode (bf16) against the f32 reference at the paper's memory shape."""
   q, k_mem, v_mem, indices, weights, _ = _inputs(
       rows, batch=4, chunks=1, chunk_len=rows, heads=12, kv_heads=12, head_dim=64,
       mem_chunks=260, mem_len=64, k=8, dtype=jnp.bfloat16)
   q, indices, weights = q[:, 0], indices[:, 0], weights[:, 0].at[:, 0].set(0.7)
   kw = dict(scale=0.125, num_keys=63, softmax_off_by_one=True)
-  got = gca_lib.gca_decode(q, k_mem, v_mem, indices, weights, **kw)
+  got = gca_decode(q, k_mem, v_mem, indices, weights, **kw)
   f32 = lambda x: x.astype(jnp.float32)
   with jax.default_matmul_precision("highest"):
     want = gca_lib.gca_decode_reference(f32(q), f32(k_mem), f32(v_mem), indices, weights, **kw)

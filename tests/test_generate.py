@@ -189,8 +189,8 @@ def test_ragged_batch_generation_follows_the_forward(setup):
     np.testing.assert_array_equal(row, greedy[len(prompt) - 1:len(sequence) - 1])
 
 
-def test_pallas_inference_matches_the_forward():
-  """impl="pallas": segments run the Pallas attention and GCA kernels, token steps the decode
+def test_triton_inference_matches_the_forward():
+  """impl="triton": segments run the Pallas-Triton attention and GCA kernels, token steps the decode
   kernel (sliding_window_decode) and GCA; interpret mode on CPU. f32 Triton dots on a GPU may use
   TF32, hence its looser tolerance."""
   config = small_config(chunk_len=63, window=100, topk=4, init_std=0.1)  # S = 64, a kernel tile
@@ -198,7 +198,7 @@ def test_pallas_inference_matches_the_forward():
   xla = lm.make_model(model_config(config))
   params = nn.meta.unbox(lm.init_params(xla, jax.random.key(0), 1, config.data.seq_len))
   tokens = np.asarray(random_tokens(6, 2, config.data.seq_len))
-  config.model.impl = "pallas"
+  config.model.impl = "triton"
   decoder = inference.DRTDecoder(model_config(config), params, max_len=63 * 12, segment_len=63 * 4)
   with jax.default_matmul_precision("highest"):
     expected, _ = _one_shot(xla, params, tokens)

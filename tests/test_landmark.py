@@ -86,7 +86,7 @@ def test_model_trains_every_parameter():
 
 @pytest.mark.parametrize("field,value,message", [
     ("landmark_selection", "max", "model.landmark_selection='max': must be one of"),
-    ("impl", "pallas", "model.impl='pallas': model.arch='landmark' has no Pallas kernel"),
+    ("impl", "triton", "model.impl='triton': model.arch='landmark' has no Pallas kernel"),
 ])
 def test_bad_landmark_config_is_one_line_error(field, value, message):
   with pytest.raises(ConfigError, match=message):

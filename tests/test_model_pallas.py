@@ -1,4 +1,4 @@
-"""The model's impl="pallas" path (kernels in interpret mode on CPU) against impl="xla"."""
+"""The model's kernel path, impl="triton" (the Pallas interpreter on CPU), against impl="xla"."""
 
 import os
 import subprocess
@@ -16,11 +16,11 @@ from tests.helpers import model_config, random_tokens, small_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_pallas_path_matches_xla_path_forward_and_gradients():
+def test_triton_path_matches_xla_path_forward_and_gradients():
   config = small_config(chunk_len=31, window=40, topk=2)  # S = 32: a kernel tile size
   config.data.seq_len = 31 * 4
   xla = lm.make_model(model_config(config))
-  config.model.impl = "pallas"
+  config.model.impl = "triton"
   pallas = lm.make_model(model_config(config))
   params = nn.meta.unbox(lm.init_params(xla, jax.random.key(0), 1, config.data.seq_len))
   tokens = random_tokens(3, 2, config.data.seq_len)
@@ -51,7 +51,7 @@ def _chunk_attention_errors(shape, dtype):
 
   with jax.default_matmul_precision("highest"):
     want = run("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
-  got = jax.jit(lambda q, k, v: run("pallas", q, k, v))(q, k, v)
+  got = jax.jit(lambda q, k, v: run("triton", q, k, v))(q, k, v)
   return {name: float(np.linalg.norm(np.asarray(g, np.float64) - np.asarray(w, np.float64))
                       / np.linalg.norm(np.asarray(w, np.float64)))
           for name, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
@@ -92,9 +92,9 @@ def test_pallas_kernels_run_per_shard_on_a_data_fsdp_mesh():
   # Kernels run under shard_map on a 2 x 2 mesh (and the batch-1 init trace runs whole).
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   losses = {}
-  for impl in ("xla", "pallas"):
+  for impl in ("xla", "triton"):
     script = _SHARDED_PALLAS_STEP.format(impl=impl)
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, timeout=600,
                             capture_output=True, text=True, check=True)
     losses[impl] = float(result.stdout.strip().splitlines()[-1])
-  np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
+  np.testing.assert_allclose(losses["triton"], losses["xla"], rtol=1e-5)

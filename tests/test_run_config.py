@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from drt_jax import config as config_lib
 from drt_jax import eval as eval_lib
 from drt_jax import generate as generate_lib
 from drt_jax import run_config
@@ -58,13 +59,32 @@ def test_a_run_written_before_a_field_existed_loads_with_its_default(run, tmp_pa
       run_config.read_saved(run_config.saved_config_path(folder)))
 
 
+def test_a_run_saved_with_impl_pallas_loads_as_auto(run, tmp_path):
+  """impl="pallas" (before the per-op registry) meant the device's kernels: it reads as "auto",
+  which validates, and a run evaluated with "auto" reports no change."""
+  _, folder = run
+  with open(run_config.saved_config_path(folder)) as f:
+    values = json.load(f)
+  values["model"]["impl"] = "pallas"
+  os.makedirs(tmp_path / "old")
+  with open(tmp_path / "old" / "config.json", "w") as f:
+    json.dump(values, f)
+  loaded = run_config.load_saved(str(tmp_path / "old"))
+  assert loaded.model.impl == "auto"
+  config_lib.validate(loaded)
+  assert run_config.changes_from_run(loaded, str(tmp_path / "old")) == []
+  loaded.model.impl = "xla"
+  assert run_config.changes_from_run(loaded, str(tmp_path / "old")) == [
+      "model.impl: 'auto' (trained) -> 'xla'"]
+
+
 def test_every_kind_of_change_is_said_or_refused(run):
   config, folder = run
   changed = run_config.load_saved(folder)
   changed.data.source = "pystdlib"
-  changed.model.impl = "pallas"
+  changed.model.impl = "triton"
   assert run_config.changes_from_run(changed, folder) == [
-      "data.source: 'pydoc' (trained) -> 'pystdlib'", "model.impl: 'xla' (trained) -> 'pallas'"]
+      "data.source: 'pydoc' (trained) -> 'pystdlib'", "model.impl: 'xla' (trained) -> 'triton'"]
   for field, value in [("topk", 2), ("arch", "swa"), ("retrieval", "random"), ("chunk_len", 15),
                        ("window", 20), ("d_model", 64), ("decoder_layers", (1, 2))]:
     changed = run_config.load_saved(folder)

@@ -34,10 +34,12 @@ def random_inputs(seed, batch, length, heads, kv_heads, head_dim, dtype=jnp.floa
   return tuple(x.astype(dtype) for x in (q, k, v, do))
 
 
-def kernel_and_reference(q, k, v, do, slopes, window, block_sizes, interpret):
-  """(out, dq, dk, dv) of the kernel and of the f32 reference on the same (upcast) inputs."""
+def kernel_and_reference(q, k, v, do, slopes, window, block_sizes, interpret,
+                         attention=sw.sliding_window_attention):
+  """(out, dq, dk, dv) of a kernel family's sliding_window_attention (the Triton one by default)
+  and of the f32 reference on the same (upcast) inputs."""
   scale = q.shape[-1] ** -0.5
-  kernel = lambda q, k, v: sw.sliding_window_attention(
+  kernel = lambda q, k, v: attention(
       q, k, v, slopes, window=window, scale=scale, block_sizes=block_sizes, interpret=interpret)
   reference = lambda q, k, v: sw.sliding_window_reference(q, k, v, slopes, window=window,
                                                           scale=scale)
@@ -115,13 +117,13 @@ def test_block_ranges_cover_window():
       tiles = visible.reshape(length // block_q, block_q, length // block_k, block_k)
       any_visible, all_visible = tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
       for qb in range(length // block_q):
-        lo, mid_lo, mid_hi, hi = (int(x) for x in sw._key_blocks(
+        lo, mid_lo, mid_hi, hi = (int(x) for x in sw.key_blocks(
             jnp.int32(qb * block_q), block_q, block_k, window))
         assert lo <= mid_lo <= mid_hi <= hi
         assert set(np.flatnonzero(any_visible[qb])) <= set(range(lo, hi))
         assert all_visible[qb, mid_lo:mid_hi].all()
       for kb in range(length // block_k):
-        lo, mid_lo, mid_hi, hi = (int(x) for x in sw._query_blocks(
+        lo, mid_lo, mid_hi, hi = (int(x) for x in sw.query_blocks(
             jnp.int32(kb * block_k), block_k, block_q, window, length // block_q))
         assert lo <= mid_lo <= mid_hi <= hi
         assert set(np.flatnonzero(any_visible[:, kb])) <= set(range(lo, hi))

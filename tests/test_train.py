@@ -208,7 +208,8 @@ def test_eight_fake_devices_match_one_device(tmp_path, straight_run, data, fsdp)
     ("model.window", -1, "model.window=-1"),
     ("model.retrieval", "oracle", "'learned', 'random'"),
     ("model.residual", "post", "model.residual='post'"),
-    ("model.impl", "cuda", "'xla', 'pallas'"),
+    ("model.impl", "cuda", "'auto', 'mosaic', 'triton', 'xla'"),
+    ("model.impl", "pallas", "the former 'pallas' is 'auto'"),
     ("data.seq_len", 100, "multiple of model.chunk_len=7"),
     ("train.grad_accum_steps", 3, "must divide train.global_batch_size"),
     ("train.warmup_steps", 10**9, "train.warmup_steps"),
@@ -222,12 +223,6 @@ def test_invalid_config_fields_are_named(field, value, needle):
   with pytest.raises(config_lib.ConfigError, match=None) as error:
     config_lib.validate(config)
   assert needle in str(error.value), str(error.value)
-
-
-def test_pallas_needs_a_kernel_chunk_size():
-  config = small_config(impl="pallas")
-  with pytest.raises(config_lib.ConfigError, match="chunk_len \\+ 1 must be one of 32, 64, 128"):
-    config_lib.validate(config)
 
 
 def _cli(tmp_path, *overrides):

@@ -1,14 +1,14 @@
-"""The one dispatch point for attention kernels (`model.impl`: "xla" | "pallas"), and the
-decoder self-attention layer built on it: sliding-window with ALiBi (§2.3) or full causal with
-RoPE, in training or over a KV cache when decoding.
+"""The one dispatch point for attention kernels, and the decoder self-attention layer built on
+it: sliding-window with ALiBi (§2.3) or full causal with RoPE, in training or over a KV cache when
+decoding.
 
-"xla" runs the plain-JAX references of kernels_pallas (blockwise, O(T*W) memory); "pallas" runs
-the Pallas GPU kernels with the same signatures (in interpret mode when there is no GPU). XLA
-cannot partition a pallas_call, so under a multi-device mesh the kernels run per batch shard
-inside `jax.shard_map`.
+Each op asks its registry (attention_impls.py) which implementation `model.impl` ("auto" |
+"mosaic" | "triton" | "xla") gives on this device, with fallbacks, and runs it. "xla" is the
+plain-JAX references of kernels_pallas (blockwise, O(T*W) memory), which XLA partitions like any
+program. XLA cannot partition a pallas_call (nor cuDNN's attention along the sequence), so under a
+multi-device mesh every other implementation runs per batch shard inside `jax.shard_map`.
 """
 
-import functools
 import math
 
 import flax.linen as nn
@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from drt_jax.config import ModelConfig
+from drt_jax.model import attention_impls as impls
 from drt_jax.model import layers
-from kernels_pallas import gca as gca_ops
 from kernels_pallas import sliding_window as sliding_window_ops
 
 BATCH_AXES = ("data", "fsdp")
@@ -41,20 +41,21 @@ def _per_batch_shard(kernel, batched_args, shared_args=()):
                        check_vma=False)(*batched_args, *shared_args)
 
 
-def _interpret() -> bool:
-  return jax.default_backend() != "gpu"
+def _run(op: impls.Op, impl: str, batched_args, shared_args=(), **settings):
+  """op's implementation for model.impl=impl on these inputs, run on batched_args (leading with
+  the batch axis) and shared_args (replicated), static settings as keywords."""
+  name, fn = op.select(impl, *batched_args, *shared_args, **settings)
+  kernel = lambda *args: fn(*args, **settings)  # noqa: E731
+  if name == "xla":
+    return kernel(*batched_args, *shared_args)
+  return _per_batch_shard(kernel, batched_args, shared_args)
 
 
 @jax.named_scope("sliding_window_attention")
 def sliding_window(q, k, v, slopes, *, window: int, scale: float, impl: str):
   """Causal sliding-window attention. q [b, t, heads, d], k/v [b, t, kv_heads, d] -> like q."""
-  if impl != "pallas":
-    return sliding_window_ops.sliding_window_reference(q, k, v, slopes, window=window, scale=scale)
-  kernel = functools.partial(sliding_window_ops.sliding_window_attention, window=window,
-                             scale=scale, interpret=_interpret())
-  if slopes is None:
-    return _per_batch_shard(kernel, (q, k, v))
-  return _per_batch_shard(kernel, (q, k, v), (slopes,))
+  return _run(impls.SLIDING_WINDOW, impl, (q, k, v), () if slopes is None else (slopes,),
+              window=window, scale=scale)
 
 
 def sliding_window_decode(q, k_cache, v_cache, slopes, *, window: int, scale: float, position,
@@ -62,35 +63,26 @@ def sliding_window_decode(q, k_cache, v_cache, slopes, *, window: int, scale: fl
   """One new query per sequence against a ring-buffer KV cache (inference). q [b, heads, d],
   k/v_cache [b, cache_len, kv_heads, d], position int [b] -> like q."""
   settings = dict(window=window, scale=scale)
-  if impl != "pallas":
-    return sliding_window_ops.sliding_window_decode_reference(q, k_cache, v_cache, slopes,
-                                                              position=position, **settings)
+  slopes = () if slopes is None else (slopes,)
+  name, fn = impls.SLIDING_WINDOW_DECODE.select(impl, q, k_cache, v_cache, *slopes,
+                                                   position=position, **settings)
+  if name == "xla":
+    return fn(q, k_cache, v_cache, *slopes, position=position, **settings)
 
+  # position is per sequence: it splits with the batch, so it goes in positionally.
   def kernel(q, k_cache, v_cache, position, *slopes):
-    return sliding_window_ops.sliding_window_decode(q, k_cache, v_cache, *slopes,
-                                                    position=position, interpret=_interpret(),
-                                                    **settings)
-  return _per_batch_shard(kernel, (q, k_cache, v_cache, position),
-                          () if slopes is None else (slopes,))
-
-
-def _cudnn(q, impl: str) -> bool:
-  # cuDNN's fused attention takes only 16-bit inputs: float32 (and every CPU run) takes XLA's.
-  return impl == "pallas" and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16,
-                                                                            jnp.float16)
+    return fn(q, k_cache, v_cache, *slopes, position=position, **settings)
+  return _per_batch_shard(kernel, (q, k_cache, v_cache, position), slopes)
 
 
 @jax.named_scope("causal_attention")
 def causal_attention(q, k, v, *, scale: float, impl: str):
   """Full causal attention. q [b, t, heads, d], k/v [b, t, kv_heads, d] -> like q.
 
-  impl="pallas" runs cuDNN's fused kernel on a GPU (jax.nn.dot_product_attention; JAX notes:
-  correct only with is_causal=True), otherwise XLA's [t, t] softmax.
+  On a GPU both kernel impls run cuDNN's fused kernel (jax.nn.dot_product_attention; JAX notes:
+  correct only with is_causal=True) for 16-bit inputs; otherwise XLA's [t, t] softmax.
   """
-  implementation = "cudnn" if _cudnn(q, impl) else "xla"
-  kernel = functools.partial(jax.nn.dot_product_attention, scale=scale, is_causal=True,
-                             implementation=implementation)
-  return _per_batch_shard(kernel, (q, k, v))
+  return _run(impls.CAUSAL_ATTENTION, impl, (q, k, v), scale=scale)
 
 
 def cached_causal_attention(q, k_cache, v_cache, *, query_positions, scale: float):
@@ -108,39 +100,21 @@ def grouped_cross_attention(q, k_mem, v_mem, indices, weights, *, scale: float, 
   """GCA (kernels_pallas/gca.py). q [b, n, s, heads, d], k/v_mem [b, m, t, kv_heads, d],
   indices/weights [b, n, k] -> [b, n, s, heads, d]."""
   settings = dict(scale=scale, num_keys=num_keys, softmax_off_by_one=softmax_off_by_one)
-  if impl != "pallas":
-    return gca_ops.gca_reference(q, k_mem, v_mem, indices, weights, **settings)
   if q.shape[1] == 1:
     # One query chunk per sequence, e.g. a decoding step's single row: gca_decode pads the rows
     # to the smallest kernel tile.
-    decode = functools.partial(gca_ops.gca_decode, interpret=_interpret(), **settings)
-    out = _per_batch_shard(decode, (q[:, 0], k_mem, v_mem, indices[:, 0], weights[:, 0]))
+    out = _run(impls.GCA_DECODE, impl, (q[:, 0], k_mem, v_mem, indices[:, 0], weights[:, 0]),
+               **settings)
     return out[:, None]
-  kernel = functools.partial(gca_ops.gca, interpret=_interpret(), **settings)
-  return _per_batch_shard(kernel, (q, k_mem, v_mem, indices, weights))
+  return _run(impls.GCA, impl, (q, k_mem, v_mem, indices, weights), **settings)
 
 
 @jax.named_scope("chunk_attention")
 def chunk_attention(q, k, v, *, scale: float, impl: str):
   """Bidirectional attention of every chunk's rows over the same chunk's rows (the chunk
-  encoder, §2.4). q, k, v [b, n, s, heads, d] -> like q; softmax in float32.
-
-  impl="pallas" runs it as FlashGCA with one slot per chunk: chunk n retrieves itself with weight
-  1, every row a key, no off-by-one, which is this softmax exactly. The kernels read q, k, v in
-  this layout and keep the logits on chip; XLA's einsums would transpose q, k, v and the output
-  to [b, n, heads, s, d] and write the float32 [b, n, heads, s, s] logits and probabilities, in
-  both passes.
-  """
-  if impl != "pallas":
-    logits = jnp.einsum("bnshd,bnthd->bnhst", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits * scale, axis=-1)
-    return jnp.einsum("bnhst,bnthd->bnshd", probs.astype(v.dtype), v)
-  batch, chunks = q.shape[:2]
-  itself = jnp.broadcast_to(jnp.arange(chunks, dtype=jnp.int32)[None, :, None], (batch, chunks, 1))
-  weight = jnp.ones((batch, chunks, 1), jnp.float32)
-  kernel = functools.partial(gca_ops.gca, scale=scale, num_keys=q.shape[2],
-                             softmax_off_by_one=False, interpret=_interpret())
-  return _per_batch_shard(kernel, (q, k, v, itself, weight))
+  encoder, §2.4). q, k, v [b, n, s, heads, d] -> like q; softmax in float32. The kernel impls run
+  it as GCA with one self-retrieval slot per chunk (attention_impls.chunk_attention_through)."""
+  return _run(impls.CHUNK_ATTENTION, impl, (q, k, v), scale=scale)
 
 
 def _rows_by_position(ring, first):

@@ -2,7 +2,8 @@
 
 "swa": sliding-window attention with ALiBi, the paper's BaseLM (§5 slide_window_lm; its "+2
 layers" variant is just more decoder_layers). "full": full causal attention with RoPE, the upper
-bound at short context (cuDNN's fused kernel on a GPU with impl="pallas", attention.py).
+bound at short context (cuDNN's fused kernel in bf16 on a GPU unless impl="xla",
+attention_impls.py).
 """
 
 import functools

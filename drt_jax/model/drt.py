@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from drt_jax.config import PALLAS_CHUNK_SIZES, ConfigError, ModelConfig
+from drt_jax.config import ConfigError, ModelConfig
 from drt_jax.model import layers
 from drt_jax.model import retrieval as retrieval_ops
 from drt_jax.model.architectures import Architecture
@@ -180,9 +180,6 @@ def _validate(config: ModelConfig):
   if not (len(layers_) >= 2 and all(n >= 1 for n in layers_[1:])):
     raise ConfigError(f"model.decoder_layers={layers_!r}: must be (lower, group_1, ...) with at "
                       "least one group of >= 1 upper layers")
-  if config.impl == "pallas" and config.chunk_size not in PALLAS_CHUNK_SIZES:
-    raise ConfigError(f"model.chunk_len={config.chunk_len!r}: with model.impl='pallas', "
-                      "chunk_len + 1 must be one of " + ", ".join(map(str, PALLAS_CHUNK_SIZES)))
 
 
 def _decoder(config: ModelConfig, params, **options):

@@ -158,9 +158,10 @@ class LandmarkLM(LandmarkRows):
 
 
 def _validate(config: ModelConfig):
-  if config.impl != "xla":
+  # Its attention is XLA's whatever the device ("auto"); naming a kernel impl is a mistake.
+  if config.impl not in ("auto", "xla"):
     raise ConfigError(f"model.impl={config.impl!r}: model.arch='landmark' has no Pallas kernel; "
-                      "must be 'xla'")
+                      "must be 'auto' or 'xla'")
 
 
 def _decoder(config: ModelConfig, params, **options):
