@@ -3,9 +3,10 @@ equal to the one-shot forward (docs/design.md).
 
 Decoder and Session are the interface (model/architectures.py builds an architecture's decoder):
   decoder.start(batch, chunk_memory) -> Session; decoder.logits(hidden [..., d]) -> [..., vocab];
-  decoder.concatenate(sessions) -> one Session; decoder.retrieval_groups.
+  decoder.retrieval_groups.
   session.feed(tokens [b, n]) -> iterator of (offset, hidden [b, m, d]); session.prefill(tokens,
-  end_prompt=False) -> [b, d]; session.step(tokens [b]) -> [b, d]; session.lengths (int [b]);
+  lengths=None, end_prompt=False) -> [b, d] (prompts of different lengths in one batch);
+  session.step(tokens [b]) -> [b, d]; session.lengths (int [b]);
   session.retrieved(group) and session.prompt_end_retrieved(group) (architectures that retrieve).
 Tokens go in as segments of whole model.chunk_len chunks (batch mode over the cached history) from
 a chunk boundary, or one at a time; either way the hidden state of every token equals the one-shot
@@ -106,11 +107,6 @@ class Decoder:
       raise ConfigError(f"chunk_memory={chunk_memory!r}: must be one of 'device', 'host'")
     architectures.check_chunk_memory(self.config, chunk_memory, "chunk_memory")
     return self.session_class(self, batch, chunk_memory)
-
-  def concatenate(self, sessions: Sequence["Session"]) -> "Session":
-    """One session holding the sequences of all `sessions` (started by this decoder, one chunk
-    memory), in order; they may be at different lengths. The sessions given are used up."""
-    return self.session_class.concatenate(sessions)
 
   def logits(self, hidden):
     """hidden [..., d] -> float32 [..., vocab] (the tied head)."""
@@ -317,15 +313,6 @@ class CachedSession(Session):
     super().__init__(decoder, batch, chunk_memory)
     self.cache = decoder.initial_cache(batch)
 
-  @classmethod
-  def concatenate(cls, sessions):
-    merged = cls.__new__(cls)
-    Session.__init__(merged, sessions[0].decoder, sum(s.batch for s in sessions),
-                     sessions[0].chunk_memory)
-    merged.lengths = np.concatenate([s.lengths for s in sessions])
-    merged.cache = jax.tree.map(lambda *xs: jnp.concatenate(xs), *(s.cache for s in sessions))
-    return merged
-
   def _step(self, tokens, rows):
     d = self.decoder
     hidden, self.cache = _cached_step(d.config, d.max_len, d.params, self.cache, tokens,
@@ -394,10 +381,6 @@ class DeviceChunkStore:
     """The landmark keys of chunks first .. first + size - 1 -> device float32 [b, size, d]."""
     return _key_slice(self.keys, first, size=size)
 
-  def concatenate(self, others):
-    self.buffer = jnp.concatenate([self.buffer] + [o.buffer for o in others])
-    self.keys = jnp.concatenate([self.keys] + [o.keys for o in others])
-
 
 class HostChunkStore:
   """Chunk K/V and landmark keys in host memory (numpy), for contexts beyond device memory: one
@@ -439,12 +422,6 @@ class HostChunkStore:
     if (first, size) not in self._pinned:
       self._pinned[first, size] = jax.device_put(keys, jax.memory.Space.Host)
     return jax.device_put(self._pinned[first, size], jax.memory.Space.Device)
-
-  def concatenate(self, others):
-    self.buffer = np.concatenate([self.buffer] + [o.buffer for o in others])
-    self.keys = np.concatenate([self.keys] + [o.keys for o in others])
-    self.filled = np.concatenate([self.filled] + [o.filled for o in others])
-    self._pinned = {}
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -719,21 +696,6 @@ class DRTSession(Session):
     self._retrieved = [[[] for _ in range(batch)] for _ in range(decoder.config.num_groups)]
     # Per group and sequence: the retrieval serving the last prompt end (None: none marked).
     self._prompt_end = [[None] * batch for _ in range(decoder.config.num_groups)]
-
-  @classmethod
-  def concatenate(cls, sessions: Sequence["DRTSession"]) -> "DRTSession":
-    first, rest = sessions[0], sessions[1:]
-    merged = cls.__new__(cls)
-    Session.__init__(merged, first.decoder, sum(s.batch for s in sessions), first.chunk_memory)
-    merged.lengths = np.concatenate([s.lengths for s in sessions])
-    merged.state = jax.tree.map(lambda *xs: jnp.concatenate(xs), *(s.state for s in sessions))
-    merged.store = first.store
-    merged.store.concatenate([s.store for s in rest])
-    merged._retrieved = [sum((s._retrieved[g] for s in sessions), [])
-                         for g in range(first.decoder.config.num_groups)]
-    merged._prompt_end = [sum((s._prompt_end[g] for s in sessions), [])
-                          for g in range(first.decoder.config.num_groups)]
-    return merged
 
   def retrieved(self, group: int) -> list[np.ndarray]:
     k = self.decoder.topk

@@ -92,27 +92,6 @@ def test_incremental_decoding_equals_the_one_shot_forward(case):
                                  err_msg=f"{case}, {memory} memory, prompt {prompt}")
 
 
-@pytest.mark.parametrize("case", ["drt_random", "swa", "full"])
-def test_ragged_prompts_decode_as_each_alone(case):
-  """Sessions of different lengths joined (decoder.concatenate) step as they would alone."""
-  mc, _, params = _build(case)
-  decoder = architectures.make_decoder(mc, params, max_len=5 * C, segment_len=2 * C)
-  tokens = np.asarray(random_tokens(3, 2, 3 * C))
-  alone = []
-  for i, prompt in enumerate((C + 2, 2 * C)):
-    session = decoder.start(1)
-    session.prefill(tokens[i:i + 1, :prompt])
-    alone.append([np.asarray(session.step(tokens[i:i + 1, t])) for t in range(prompt, 3 * C)])
-  sessions = [decoder.start(1), decoder.start(1)]
-  sessions[0].prefill(tokens[:1, :C + 2])
-  sessions[1].prefill(tokens[1:, :2 * C])
-  joined = decoder.concatenate(sessions)
-  for t in range(2 * C, 3 * C):  # both rows' next tokens, at their own positions
-    out = np.asarray(joined.step(np.array([tokens[0, t - C + 2], tokens[1, t]])))
-    np.testing.assert_allclose(out[0], alone[0][t - 2 * C][0], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(out[1], alone[1][t - 2 * C][0], rtol=0, atol=1e-5)
-
-
 def test_settings_an_architecture_cannot_take_fail_naming_both():
   mc, _, params = _build("swa")
   decoder = architectures.make_decoder(mc, params, max_len=5 * C, segment_len=2 * C)
