@@ -205,8 +205,8 @@ def evaluate_retrieval(decoder, builder, settings: Settings, stream, progress=Tr
     per_depth = -(-int(count) // s.depths)
     grid = np.repeat(depths, per_depth)  # sample i sits at depth grid[i]
     offsets = question_offsets(s, length, len(grid), c)
-    # Batches of one offset where possible: their prompts have one length, so they are prefilled
-    # together (generate.start prefills prompts of different lengths one by one).
+    # Batches of one offset where possible: prompts of one length are prefilled without the
+    # masked pieces that prompts of different lengths add (Session._pieces).
     order = np.argsort(offsets, kind="stable")
     start = time.perf_counter()
     hits, found = np.zeros(len(grid), bool), np.zeros(len(grid), bool)

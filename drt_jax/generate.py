@@ -118,17 +118,17 @@ def check_sampling(max_new_tokens, temperature, top_k, vocab_size: int | None = 
 
 def start(decoder: inference.Decoder, prompts: Sequence[np.ndarray], chunk_memory: str,
           prompt_end_retrieval: bool = True):
-  """Prefills each prompt (1-D int, any lengths) -> (session, last hidden state [b, d]).
-
-  Prompts of one length are prefilled as a batch; otherwise one by one, then joined (decoding
-  takes sequences at different positions). prompt_end_retrieval: Session.prefill's end_prompt.
+  """Prefills the prompts (1-D int, any lengths) as one batch -> (session, last hidden state
+  [b, d]); each sequence's state is the one prefilling it alone gives (Session.prefill with
+  lengths), and decoding goes on from each one's own position. prompt_end_retrieval:
+  Session.prefill's end_prompt.
   """
-  if len({len(p) for p in prompts}) == 1:
-    session = decoder.start(len(prompts), chunk_memory)
-    return session, session.prefill(np.stack(prompts), end_prompt=prompt_end_retrieval)
-  sessions = [decoder.start(1, chunk_memory) for _ in prompts]
-  last = [s.prefill(p[None], end_prompt=prompt_end_retrieval) for s, p in zip(sessions, prompts)]
-  return decoder.concatenate(sessions), jnp.concatenate(last)
+  lengths = np.array([len(p) for p in prompts])
+  tokens = np.zeros((len(prompts), lengths.max()), np.int32)
+  for row, prompt in zip(tokens, prompts):
+    row[:len(prompt)] = prompt
+  session = decoder.start(len(prompts), chunk_memory)
+  return session, session.prefill(tokens, lengths=lengths, end_prompt=prompt_end_retrieval)
 
 
 def generate(decoder: inference.Decoder, prompts: Sequence, max_new_tokens: int, *,

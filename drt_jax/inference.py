@@ -3,9 +3,10 @@ equal to the one-shot forward (docs/design.md).
 
 Decoder and Session are the interface (model/architectures.py builds an architecture's decoder):
   decoder.start(batch, chunk_memory) -> Session; decoder.logits(hidden [..., d]) -> [..., vocab];
-  decoder.concatenate(sessions) -> one Session; decoder.retrieval_groups.
+  decoder.retrieval_groups.
   session.feed(tokens [b, n]) -> iterator of (offset, hidden [b, m, d]); session.prefill(tokens,
-  end_prompt=False) -> [b, d]; session.step(tokens [b]) -> [b, d]; session.lengths (int [b]);
+  lengths=None, end_prompt=False) -> [b, d] (prompts of different lengths in one batch);
+  session.step(tokens [b]) -> [b, d]; session.lengths (int [b]);
   session.retrieved(group) and session.prompt_end_retrieved(group) (architectures that retrieve).
 Tokens go in as segments of whole model.chunk_len chunks (batch mode over the cached history) from
 a chunk boundary, or one at a time; either way the hidden state of every token equals the one-shot
@@ -107,11 +108,6 @@ class Decoder:
     architectures.check_chunk_memory(self.config, chunk_memory, "chunk_memory")
     return self.session_class(self, batch, chunk_memory)
 
-  def concatenate(self, sessions: Sequence["Session"]) -> "Session":
-    """One session holding the sequences of all `sessions` (started by this decoder, one chunk
-    memory), in order; they may be at different lengths. The sessions given are used up."""
-    return self.session_class.concatenate(sessions)
-
   def logits(self, hidden):
     """hidden [..., d] -> float32 [..., vocab] (the tied head)."""
     return tied_logits(hidden, self.params["embed"]["embedding"], self.config.compute_dtype)
@@ -151,10 +147,12 @@ class Session:
     tokens offset .. offset + m - 1 of this call (row t predicts token t + 1), piece by piece;
     nothing is fed beyond what has been iterated. Inputs are checked at the call.
     """
-    tokens = self._check_feed(tokens)
-    return self._pieces(tokens)
+    tokens, counts = self._check_feed(tokens)
+    return ((int(offsets[0]), hidden) for offsets, hidden, _ in self._pieces(tokens, counts))
 
-  def _check_feed(self, tokens):
+  def _check_feed(self, tokens, lengths=None):
+    """tokens (and lengths, default every row's whole width) -> numpy tokens and int64 lengths
+    [batch], checked."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[0] != self.batch:
       raise InputError(f"tokens of shape {tokens.shape}: expected [batch={self.batch}, length]")
@@ -163,25 +161,33 @@ class Session:
     if len(set(self.lengths.tolist())) != 1:
       raise InputError(f"sequences hold {sorted(set(self.lengths.tolist()))} tokens: feed needs "
                        "them all at one length (use step)")
-    self._check_room(tokens.shape[1])
-    return tokens
+    if lengths is None:
+      lengths = np.full(self.batch, tokens.shape[1])
+    lengths = np.asarray(lengths)
+    if (lengths.shape != (self.batch,) or not np.issubdtype(lengths.dtype, np.integer)
+        or lengths.min() < 1 or lengths.max() > tokens.shape[1]):
+      raise InputError(f"lengths={lengths.tolist()}: expected {self.batch} integers in 1 .. "
+                       f"{tokens.shape[1]} (the tokens' width)")
+    self._check_room(int(lengths.max()))
+    return tokens, lengths.astype(np.int64)
 
-  def prefill(self, tokens, *, end_prompt: bool = False):
-    """Feeds tokens (see feed); returns the hidden state of the last one, [batch, d].
+  def prefill(self, tokens, *, lengths=None, end_prompt: bool = False):
+    """Feeds tokens int [batch, n], every sequence at the same length; returns the hidden state
+    of each sequence's last token, [batch, d].
 
+    lengths: int [batch], the tokens of each sequence (row i feeds tokens[i, :lengths[i]]; the
+    rest of the row is ignored); default n for every row. Sequences of different lengths go in
+    together (_pieces) and then sit at different positions, which step takes; each one's state
+    is the one feeding it alone gives.
     end_prompt: the tokens end a prompt and generation follows. An architecture that retrieves
     once per chunk (DRT) then retrieves again from the prompt's end for the rest of its chunk,
     and the hidden state returned is the last token's under that retrieval (module docstring);
     the others (swa, full, and landmark, whose every row retrieves for itself) ignore it.
     """
+    tokens, lengths = self._check_feed(tokens, lengths)
     if end_prompt:
-      return self._prefill_prompt(self._check_feed(tokens))
-    for _, hidden in self.feed(tokens):
-      last = hidden[:, -1]
-      # Dropped before the next piece is dispatched: a whole segment's hidden states kept alive
-      # through it raised the peak device memory of long prefills by their size (0.19 GiB).
-      del hidden
-    return last
+      return self._prefill_prompt(tokens, lengths)
+    return self._prefill_rows(tokens, lengths)
 
   def step(self, tokens):
     """One token per sequence (int [batch]) -> its hidden state [batch, d]."""
@@ -189,35 +195,88 @@ class Session:
     if tokens.shape != (self.batch,):
       raise InputError(f"tokens of shape {tokens.shape}: expected [batch={self.batch}]")
     self._check_room(1)
-    return self._step(tokens)
+    return self._step(tokens, None)
 
-  def _prefill_prompt(self, tokens):
-    return self.prefill(tokens)
+  def _prefill_prompt(self, tokens, lengths):
+    return self._prefill_rows(tokens, lengths)
+
+  def _prefill_rows(self, tokens, counts):
+    """Feeds tokens[i, :counts[i]] to sequence i (counts >= 0, not all 0) -> hidden [batch, d]
+    of each sequence's last token fed (zeros where counts[i] == 0)."""
+    last = None
+    for offsets, hidden, rows in self._pieces(tokens, counts):
+      ends = rows & (offsets + hidden.shape[1] == counts)
+      if last is None:
+        last = jnp.zeros_like(hidden[:, -1])
+      if ends.any():
+        last = _where_rows(jnp.asarray(ends), hidden[:, -1], last)
+      # Dropped before the next piece is dispatched: a whole segment's hidden states kept alive
+      # through it raised the peak device memory of long prefills by their size (0.19 GiB).
+      del hidden
+    return last
 
   def _check_room(self, n: int):
     longest = int(self.lengths.max()) + n
     if longest > self.decoder.max_len:
       raise InputError(f"{longest} tokens: longer than max_len={self.decoder.max_len}")
 
-  def _pieces(self, tokens):
-    c = self.decoder.config.chunk_len
-    done, total = 0, tokens.shape[1]
-    while done < total:
-      whole = (total - done) // c * c
-      if self.lengths[0] % c == 0 and whole:
-        size = min(whole, self.decoder.segment_len)
-        hidden = self._segment(tokens[:, done:done + size])
-      else:
-        size = 1
-        hidden = self.step(tokens[:, done])[:, None]
-      yield done, hidden
-      del hidden  # as in prefill: not held while the next piece runs
-      done += size
+  def _pieces(self, tokens, counts):
+    """Feeds tokens[i, :counts[i]] to sequence i, every sequence at one length, in pieces: yields
+    (offsets int [batch], hidden [batch, m, d], rows bool [batch]) where the sequences `rows`
+    took their tokens offsets .. offsets + m - 1 (the other rows of hidden are meaningless).
 
-  def _segment(self, tokens):
+    Each sequence is cut as it would be alone: steps to a chunk boundary, whole chunks in
+    segments of at most segment_len, the rest in steps. The pieces of different sequences run
+    together: one step takes a token of every sequence that has one left, each at its own
+    position, and one segment takes every sequence whose next piece has that size (they are at
+    one position, since they all took the same pieces before). A sequence not in `rows` keeps
+    its state (Session._segment and _step take them as a mask).
+    """
+    c, longest = self.decoder.config.chunk_len, self.decoder.segment_len
+    fed = np.zeros(self.batch, np.int64)
+    head = np.minimum(counts, -int(self.lengths[0]) % c)
+    whole = head + (counts - head) // c * c
+    for until in (head, whole, counts):
+      while (fed < until).any():
+        rows = fed < until
+        if until is whole:  # every sequence in `rows` sits at one chunk boundary
+          # The shortest piece first: a piece shorter than a segment is a sequence's last, so
+          # the sequences left all take the next one, and stay at one position.
+          piece = np.minimum(until - fed, longest)
+          size = int(piece[rows].min())
+          rows &= piece == size
+          first = int(fed[rows][0])
+          hidden = self._segment(tokens[:, first:first + size], self._mask(rows))
+        else:
+          size = 1
+          picked = tokens[np.arange(self.batch), np.minimum(fed, tokens.shape[1] - 1)]
+          hidden = self._step(jnp.asarray(picked, jnp.int32), self._mask(rows))[:, None]
+        yield fed.copy(), hidden, rows
+        del hidden  # as in _prefill_rows: not held while the next piece runs
+        fed += rows * size
+
+  def _position(self, rows) -> int:
+    """The length of the sequences where rows (None: all), which is one."""
+    return int(self.lengths[0] if rows is None else self.lengths[rows][0])
+
+  def _advance(self, n: int, rows):
+    """n more tokens in the sequences where rows (None: all)."""
+    self.lengths += n if rows is None else n * rows
+
+  @staticmethod
+  def _mask(rows):
+    """Session._segment's and _step's `rows`: None when every sequence takes the piece (the
+    programs without a mask), else bool [batch]."""
+    return None if rows.all() else rows
+
+  def _segment(self, tokens, rows):
+    """Whole chunks (int [batch, n]) for the sequences where rows (None: all), which sit at one
+    chunk boundary; the others keep their state."""
     raise NotImplementedError
 
-  def _step(self, tokens):
+  def _step(self, tokens, rows):
+    """One token per sequence (int [batch]) for the sequences where rows (None: all), each at
+    its own position; the others keep their state."""
     raise NotImplementedError
 
 
@@ -229,20 +288,22 @@ def _cached_model(config: ModelConfig, mode: str, max_len: int, history: int = 0
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
-def _cached_step(config: ModelConfig, max_len: int, params, cache, tokens):
-  """One token per sequence (int [b]) -> (hidden [b, d], cache)."""
+def _cached_step(config: ModelConfig, max_len: int, params, cache, tokens, rows):
+  """One token per sequence (int [b]) -> (hidden [b, d], cache); rows as keep_rows'."""
   hidden, variables = _cached_model(config, "step", max_len).apply(
       {"params": params, "cache": cache}, tokens[:, None], mutable=["cache"])
-  return hidden[:, 0], variables["cache"]
+  return hidden[:, 0], keep_rows(rows, variables["cache"], cache)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("history",),
                    donate_argnums=3)
-def _cached_segment(config: ModelConfig, max_len: int, params, cache, tokens, *, history: int):
-  """Tokens int [b, n], every sequence at one position -> (hidden [b, n, d], cache)."""
+def _cached_segment(config: ModelConfig, max_len: int, params, cache, tokens, rows, *,
+                    history: int):
+  """Tokens int [b, n] -> (hidden [b, n, d], cache); the sequences where rows (keep_rows) at
+  one position."""
   hidden, variables = _cached_model(config, "segment", max_len, history).apply(
       {"params": params, "cache": cache}, tokens, mutable=["cache"])
-  return hidden, variables["cache"]
+  return hidden, keep_rows(rows, variables["cache"], cache)
 
 
 class CachedSession(Session):
@@ -252,29 +313,21 @@ class CachedSession(Session):
     super().__init__(decoder, batch, chunk_memory)
     self.cache = decoder.initial_cache(batch)
 
-  @classmethod
-  def concatenate(cls, sessions):
-    merged = cls.__new__(cls)
-    Session.__init__(merged, sessions[0].decoder, sum(s.batch for s in sessions),
-                     sessions[0].chunk_memory)
-    merged.lengths = np.concatenate([s.lengths for s in sessions])
-    merged.cache = jax.tree.map(lambda *xs: jnp.concatenate(xs), *(s.cache for s in sessions))
-    return merged
-
-  def _step(self, tokens):
+  def _step(self, tokens, rows):
     d = self.decoder
-    hidden, self.cache = _cached_step(d.config, d.max_len, d.params, self.cache, tokens)
-    self.lengths += 1
+    hidden, self.cache = _cached_step(d.config, d.max_len, d.params, self.cache, tokens,
+                                      device_rows(rows))
+    self._advance(1, rows)
     return hidden
 
-  def _segment(self, tokens):
+  def _segment(self, tokens, rows):
     d = self.decoder
     # Sliding-window attention reads the cached positions the segment's window reaches.
     history = (0 if d.config.arch == "full" else
-               min(int(self.lengths[0]), d.config.window + 1))
+               min(self._position(rows), d.config.window + 1))
     hidden, self.cache = _cached_segment(d.config, d.max_len, d.params, self.cache, tokens,
-                                         history=history)
-    self.lengths += tokens.shape[1]
+                                         device_rows(rows), history=history)
+    self._advance(tokens.shape[1], rows)
     return hidden
 
 
@@ -328,10 +381,6 @@ class DeviceChunkStore:
     """The landmark keys of chunks first .. first + size - 1 -> device float32 [b, size, d]."""
     return _key_slice(self.keys, first, size=size)
 
-  def concatenate(self, others):
-    self.buffer = jnp.concatenate([self.buffer] + [o.buffer for o in others])
-    self.keys = jnp.concatenate([self.keys] + [o.keys for o in others])
-
 
 class HostChunkStore:
   """Chunk K/V and landmark keys in host memory (numpy), for contexts beyond device memory: one
@@ -373,12 +422,6 @@ class HostChunkStore:
     if (first, size) not in self._pinned:
       self._pinned[first, size] = jax.device_put(keys, jax.memory.Space.Host)
     return jax.device_put(self._pinned[first, size], jax.memory.Space.Device)
-
-  def concatenate(self, others):
-    self.buffer = np.concatenate([self.buffer] + [o.buffer for o in others])
-    self.keys = np.concatenate([self.keys] + [o.keys for o in others])
-    self.filled = np.concatenate([self.filled] + [o.filled for o in others])
-    self._pinned = {}
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -429,6 +472,17 @@ def _where_rows(rows, after, before):
   def pick(a, b):
     return jnp.where(rows.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
   return jax.tree.map(pick, after, before)
+
+
+def keep_rows(rows, after, before):
+  """_where_rows, or `after` itself when rows is None (every sequence took the piece: the
+  programs of a whole batch select nothing)."""
+  return after if rows is None else _where_rows(rows, after, before)
+
+
+def device_rows(rows):
+  """Session's rows (None or bool [b]) as the jitted pieces take them."""
+  return None if rows is None else jnp.asarray(rows)
 
 
 def _stack_groups(retrievals: Sequence[Retrieval]) -> Retrieval:
@@ -504,7 +558,11 @@ def _token_rows(config: ModelConfig, params, state: DecodeState, tokens):
                                chunk_rows=chunk_rows)
 
 
-_token_step = jax.jit(_token_rows, static_argnums=0, donate_argnums=2)
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _token_step(config: ModelConfig, params, state: DecodeState, tokens, rows):
+  """_token_rows for the sequences where rows (keep_rows); the others keep their state."""
+  hidden, new = _token_rows(config, params, state, tokens)
+  return hidden, keep_rows(rows, new, state)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -567,8 +625,10 @@ def _landmark_step(config: ModelConfig, params, state: DecodeState, closes):
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("history",), donate_argnums=2)
-def _segment_start(config: ModelConfig, params, state: DecodeState, tokens, *, history: int):
-  """Whole chunks (int [b, n * chunk_len]) through the lower layers and the chunk encoder.
+def _segment_start(config: ModelConfig, params, state: DecodeState, tokens, rows, *,
+                   history: int):
+  """Whole chunks (int [b, n * chunk_len]) through the lower layers and the chunk encoder, for
+  the sequences where rows (keep_rows; the others' state is kept).
 
   Returns (rows [b, n * S, d], the chunks' K/V [b, n, S, 2, heads, head_dim] and landmark keys
   float32 [b, n, d], state with the lower caches advanced, group 0's queries float32 [b, n, d]).
@@ -583,17 +643,18 @@ def _segment_start(config: ModelConfig, params, state: DecodeState, tokens, *, h
 
   (x, kv, keys, queries), variables = _drt(config, "segment", history).apply(
       {"params": params, "cache": state.cache}, method=run, mutable=["cache"])
-  return x, kv, keys, state.replace(cache=variables["cache"],
-                                    position=state.position + length + chunks), queries
+  return x, kv, keys, state.replace(
+      cache=keep_rows(rows, variables["cache"], state.cache),
+      position=keep_rows(rows, state.position + length + chunks, state.position)), queries
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("group", "history"))
-def _segment_group(config: ModelConfig, params, cache, x, retrieved, serving: Retrieval, *,
+def _segment_group(config: ModelConfig, params, cache, x, retrieved, serving: Retrieval, rows, *,
                    group: int, history: int):
   """Group `group`'s upper layers over x [b, n * S, d] (serving indexes the chunks of retrieved,
   k and v [b, m, S, heads, head_dim]), then the next group's queries -> (x, cache, float32
   [b, n, d]); after the last group, the final norm without landmark rows -> (hidden
-  [b, n * chunk_len, d], cache, None)."""
+  [b, n * chunk_len, d], cache, None). The cache changes only where rows (keep_rows)."""
 
   def run(m):
     y = m.upper_layers(group, x, *retrieved, serving)
@@ -603,7 +664,7 @@ def _segment_group(config: ModelConfig, params, cache, x, retrieved, serving: Re
 
   (y, queries), variables = _drt(config, "segment", history).apply(
       {"params": params, "cache": cache}, method=run, mutable=["cache"])
-  return y, variables["cache"], queries
+  return y, keep_rows(rows, variables["cache"], cache), queries
 
 
 def _initial_cache(config: ModelConfig, params, batch: int):
@@ -636,21 +697,6 @@ class DRTSession(Session):
     # Per group and sequence: the retrieval serving the last prompt end (None: none marked).
     self._prompt_end = [[None] * batch for _ in range(decoder.config.num_groups)]
 
-  @classmethod
-  def concatenate(cls, sessions: Sequence["DRTSession"]) -> "DRTSession":
-    first, rest = sessions[0], sessions[1:]
-    merged = cls.__new__(cls)
-    Session.__init__(merged, first.decoder, sum(s.batch for s in sessions), first.chunk_memory)
-    merged.lengths = np.concatenate([s.lengths for s in sessions])
-    merged.state = jax.tree.map(lambda *xs: jnp.concatenate(xs), *(s.state for s in sessions))
-    merged.store = first.store
-    merged.store.concatenate([s.store for s in rest])
-    merged._retrieved = [sum((s._retrieved[g] for s in sessions), [])
-                         for g in range(first.decoder.config.num_groups)]
-    merged._prompt_end = [sum((s._prompt_end[g] for s in sessions), [])
-                          for g in range(first.decoder.config.num_groups)]
-    return merged
-
   def retrieved(self, group: int) -> list[np.ndarray]:
     k = self.decoder.topk
     return [np.concatenate(rows) if rows else np.zeros((0, k), np.int64)
@@ -659,12 +705,13 @@ class DRTSession(Session):
   def prompt_end_retrieved(self, group: int) -> list[np.ndarray | None]:
     return list(self._prompt_end[group])
 
-  def _prefill_prompt(self, tokens):
-    """prefill(tokens, end_prompt=True) (module docstring): the prompt but its last token as
-    feed would take it, then the last token as a step, from a copy of the state before it."""
-    if tokens.shape[1] > 1:
-      self.prefill(tokens[:, :-1])
-    last = jnp.asarray(tokens[:, -1], jnp.int32)
+  def _prefill_prompt(self, tokens, lengths):
+    """prefill(tokens, end_prompt=True) (module docstring): each prompt but its last token as
+    prefill would take it, then every last token in one step, from a copy of the state before
+    it."""
+    if (lengths > 1).any():
+      self._prefill_rows(tokens, lengths - 1)
+    last = jnp.asarray(tokens[np.arange(self.batch), lengths - 1], jnp.int32)
     # A copy: the step consumes (donates) the state it is given.
     before = jax.tree.map(lambda x: x.copy(), self.state)
     self.step(last)  # and the landmark after it when it closes a chunk
@@ -691,11 +738,13 @@ class DRTSession(Session):
     return _token_hidden(c, d.params, before.replace(active=self.state.active,
                                                      active_kv=self.state.active_kv), last)
 
-  def _step(self, tokens):
+  def _step(self, tokens, rows):
     d = self.decoder
-    hidden, self.state = _token_step(d.config, d.params, self.state, tokens)
-    self.lengths += 1
+    hidden, self.state = _token_step(d.config, d.params, self.state, tokens, device_rows(rows))
+    self._advance(1, rows)
     closes = self.lengths % d.config.chunk_len == 0
+    if rows is not None:
+      closes &= rows  # a sequence left out may sit at a chunk boundary: its landmark has run
     if closes.any():
       self._landmark(closes)
     return hidden
@@ -737,14 +786,15 @@ class DRTSession(Session):
     self.state = self.state.replace(active=active,
                                     active_kv=kv.reshape(self.state.active_kv.shape))
 
-  def _segment(self, tokens):
+  def _segment(self, tokens, rows):
     d, c = self.decoder, self.decoder.config
-    first = int(self.lengths[0]) // c.chunk_len
+    first = self._position(rows) // c.chunk_len
     chunks = tokens.shape[1] // c.chunk_len
     history = min(first * c.chunk_size, c.window + 1)
+    taking = np.ones(self.batch, bool) if rows is None else rows
     x, encoded, keys, state, queries = _segment_start(c, d.params, self.state, tokens,
-                                                      history=history)
-    self.store.write(encoded, keys, np.full(self.batch, first), np.ones(self.batch, bool))
+                                                      device_rows(rows), history=history)
+    self.store.write(encoded, keys, np.full(self.batch, first), taking)
     # The store has them now; held through the group calls below, the segment's own chunk K/V
     # added their size (0.19 GiB for drt_pg19) to a long prefill's peak device memory.
     del encoded, keys
@@ -758,15 +808,15 @@ class DRTSession(Session):
                             for now, new in zip(state.active, selected)))
       needed, local = _local_slots(np.asarray(serving.indices), np.asarray(serving.valid))
       active.append(jax.tree.map(lambda a: a[:, -1], selected))
-      self._record(g, np.arange(self.batch), selected)
+      self._record(g, np.flatnonzero(taking), selected)
       x, cache, queries = _segment_group(
           c, d.params, cache, x, self._gather_retrieved(needed),
-          serving._replace(indices=jnp.asarray(local)), group=g, history=history)
-    active = _stack_groups(active)
+          serving._replace(indices=jnp.asarray(local)), device_rows(rows), group=g, history=history)
+    active = keep_rows(device_rows(rows), _stack_groups(active), state.active)
     kv = self.store.gather(np.asarray(active.indices).reshape(self.batch, -1))
     self.state = state.replace(cache=cache, active=active,
                                active_kv=kv.reshape(state.active_kv.shape))
-    self.lengths += tokens.shape[1]
+    self._advance(tokens.shape[1], rows)
     return x
 
   def _gather_retrieved(self, needed):

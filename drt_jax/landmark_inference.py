@@ -26,14 +26,15 @@ def _model(config: ModelConfig, mode: str, capacity: int) -> LandmarkLM:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
-def _token_step(config: ModelConfig, capacity: int, params, cache, tokens):
-  """One token per sequence (int [b]) -> (final-normed hidden [b, d], cache)."""
+def _token_step(config: ModelConfig, capacity: int, params, cache, tokens, rows):
+  """One token per sequence (int [b]) -> (final-normed hidden [b, d], cache); the caches change
+  only where rows (inference._keep_rows)."""
   def run(m):
     return m.finish(m.layers(m.token_row(tokens), config.topk))[:, 0]
 
   hidden, variables = _model(config, "step", capacity).apply(
       {"params": params, "cache": cache}, method=run, mutable=["cache"])
-  return hidden, variables["cache"]
+  return hidden, inference.keep_rows(rows, variables["cache"], cache)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
@@ -45,41 +46,43 @@ def _landmark_step(config: ModelConfig, capacity: int, params, cache, closes):
   _, variables = _model(config, "step", capacity).apply(
       {"params": params, "cache": cache}, method=run, mutable=["cache"])
 
-  def pick(new, old):
-    return jnp.where(closes.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-  return jax.tree.map(pick, variables["cache"], cache)
+  return inference.keep_rows(closes, variables["cache"], cache)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
-def _segment(config: ModelConfig, capacity: int, params, cache, tokens):
-  """Whole blocks (int [b, n * chunk_len]) -> (hidden [b, n * chunk_len, d], cache)."""
+def _segment(config: ModelConfig, capacity: int, params, cache, tokens, rows):
+  """Whole blocks (int [b, n * chunk_len]) -> (hidden [b, n * chunk_len, d], cache); the
+  sequences where rows (inference.keep_rows) at one block boundary."""
   def run(m):
     return drop_landmarks(m.finish(m.layers(m.chunk_rows(tokens), config.topk)),
                           config.chunk_size)
 
   hidden, variables = _model(config, "segment", capacity).apply(
       {"params": params, "cache": cache}, method=run, mutable=["cache"])
-  return hidden, variables["cache"]
+  return hidden, inference.keep_rows(rows, variables["cache"], cache)
 
 
 class LandmarkSession(inference.CachedSession):
   """Landmark sequences: the model's "cache" collection, one block memory per layer."""
 
-  def _step(self, tokens):
+  def _step(self, tokens, rows):
     d = self.decoder
-    hidden, self.cache = _token_step(d.config, d.capacity, d.params, self.cache, tokens)
-    self.lengths += 1
+    hidden, self.cache = _token_step(d.config, d.capacity, d.params, self.cache, tokens,
+                                     inference.device_rows(rows))
+    self._advance(1, rows)
     closes = self.lengths % d.config.chunk_len == 0
+    if rows is not None:
+      closes &= rows  # a sequence left out may sit at a block boundary: its landmark has run
     if closes.any():
       self.cache = _landmark_step(d.config, d.capacity, d.params, self.cache,
                                   jnp.asarray(closes))
     return hidden
 
-  def _segment(self, tokens):
+  def _segment(self, tokens, rows):
     d = self.decoder
     hidden, self.cache = _segment(d.config, d.capacity, d.params, self.cache,
-                                  jnp.asarray(tokens, jnp.int32))
-    self.lengths += tokens.shape[1]
+                                  jnp.asarray(tokens, jnp.int32), inference.device_rows(rows))
+    self._advance(tokens.shape[1], rows)
     return hidden
 
 

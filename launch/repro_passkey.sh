@@ -20,12 +20,12 @@
 # accuracy by offset and its plots (<stem>_offset.png: accuracy by offset, a line per length).
 # Samples per length: SAMPLES_PER_OFFSET x chunk_len at up to 16x (default 10 x 63 = 630), one per
 # offset beyond (63), 5 depths.
-# GPU time. Measured on an H200 (2026-12-04, SAMPLES_PER_OFFSET=1, so 65 samples per length
-# prefilled one by one): 54 s at 1x (mostly compilation) and 32 s at 16x, per task. Estimated,
-# not measured, from those and the aligned evaluation's walls: 256x about 8 min and 1000x about
-# 33 min per task at batch 1, since a batch holds prompts of 10 lengths, which generate.start
-# prefills one at a time. The default of 10 samples per offset at up to 16x batches fully and
-# costs about 30 s at 1x and 3 min at 16x per task. Training from scratch adds 245 + 93 s (H200).
+# GPU time. Measured on an H200 (2026-12-04, SAMPLES_PER_OFFSET=1, 65 samples per length, each
+# prompt prefilled alone, before Session.prefill took prompts of different lengths together):
+# 54 s at 1x (mostly compilation) and 32 s at 16x, per task. A batch now prefills its prompts
+# together, so the walls should approach the aligned evaluation's per sample (64 s for 20 samples
+# at 256x, 115 s for 20 at 1000x, batch 10): not yet measured. Training from scratch adds
+# 245 + 93 s (H200).
 # A command of the device is limited to 10 minutes: run it in pieces, e.g.
 #   TASKS=passkey MULTIPLES="1 16 256" launch/repro_passkey.sh offsets
 #   TASKS=passkey MULTIPLES=1000 launch/repro_passkey.sh offsets

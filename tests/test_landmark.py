@@ -126,22 +126,6 @@ def test_host_chunk_memory_is_one_line_error():
     decoder.start(1, chunk_memory="host")
 
 
-def test_sessions_at_different_lengths_step_together():
-  config, model, params = _model(topk=2)
-  tokens = random_tokens(8, 2, 42)
-  want = model.apply({"params": params}, tokens, train=False)
-  decoder = architectures.make_decoder(config, params, max_len=42, segment_len=14)
-  sessions = [decoder.start(1), decoder.start(1)]
-  sessions[0].prefill(tokens[:1, :20])
-  sessions[1].prefill(tokens[1:, :9])
-  both = decoder.concatenate(sessions)
-  lengths = np.array([20, 9])
-  for _ in range(13):  # the two cross block boundaries at different steps
-    hidden = both.step(tokens[np.arange(2), lengths])
-    np.testing.assert_allclose(hidden, want[np.arange(2), lengths], atol=2e-5, rtol=2e-5)
-    lengths += 1
-
-
 def test_training_never_holds_logits_of_the_whole_sequence():
   """Forward and backward hold one tile's logits [b, h, tile rows, tile rows] and per-row
   vectors, never [b, h, T, T] (here 4 tiles of 2 blocks)."""

@@ -139,6 +139,13 @@ def _to_ring(chronological, end, n: int):
   return jnp.take_along_axis(last, slots.reshape(slots.shape + (1,) * (last.ndim - 2)), axis=1)
 
 
+def write_rows(cache, rows, first):
+  """cache [b, L, ...] with rows [b, n, ...] written at slots first .. first + n - 1 of each
+  sequence (first int [b])."""
+  return jax.vmap(lambda c, r, f: jax.lax.dynamic_update_slice_in_dim(c, r, f, axis=0))(
+      cache, rows, first)
+
+
 MODES = ("train", "step", "segment")
 KINDS = ("sliding", "full")
 
@@ -150,10 +157,12 @@ class SelfAttention(nn.Module):
   with RoPE (model.rope_theta) at the stream positions.
   mode "train": x holds whole sequences from position 0; no state.
   mode "step": x [b, 1, d_model], one new row per sequence, each at its own position.
-  mode "segment": x [b, rows, d_model], rows continuing every sequence at the same position.
+  mode "segment": x [b, rows, d_model], rows continuing each sequence from its own position.
   Decoding keeps the keys/values in flax collection "cache": for "sliding" a ring of window + 1
   slots (position p in slot p % (window + 1)); a segment attends to the `history` cached positions
-  before it (history = min(position, window + 1), static, so no slot never written is read). For
+  before it (history = min(position, window + 1), static, so no slot never written is read; a
+  sequence below that position reads unwritten slots, and the decoder keeps none of its
+  results: inference.Session._pieces). For
   "full" a linear cache of `cache_len` slots (position p in slot p), masked past each row.
   """
   config: ModelConfig
@@ -201,10 +210,9 @@ class SelfAttention(nn.Module):
       slot = (jnp.arange(q.shape[0]), positions[:, 0])
       k_cache.value = k_cache.value.at[slot].set(k[:, 0])
       v_cache.value = v_cache.value.at[slot].set(v[:, 0])
-    else:  # every sequence at the same position
-      start = positions[0, 0]
-      k_cache.value = jax.lax.dynamic_update_slice_in_dim(k_cache.value, k, start, axis=1)
-      v_cache.value = jax.lax.dynamic_update_slice_in_dim(v_cache.value, v, start, axis=1)
+    else:  # each sequence from its own position
+      k_cache.value = write_rows(k_cache.value, k, positions[:, 0])
+      v_cache.value = write_rows(v_cache.value, v, positions[:, 0])
     return cached_causal_attention(q, k_cache.value, v_cache.value, query_positions=positions,
                                    scale=scale)
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from drt_jax.config import ConfigError, ModelConfig
 from drt_jax.model import layers
 from drt_jax.model.architectures import Architecture
+from drt_jax.model.attention import write_rows
 from drt_jax.model.blocks import DecoderBlock
 from drt_jax.model.drt import LandmarkRows, drop_landmarks, maybe_remat, token_embedding
 from drt_jax.model.landmark_attention import (attend_blocks, grouped_attention, landmark_attention,
@@ -32,7 +33,7 @@ class LandmarkSelfAttention(nn.Module):
   """Landmark attention of one layer. Shapes: b batch, n blocks of S rows, d d_model.
 
   mode "train": x [b, n * S, d], whole blocks of one sequence from its start (no state).
-  mode "segment": x [b, n * S, d], whole blocks continuing every sequence at the same block
+  mode "segment": x [b, n * S, d], whole blocks continuing each sequence from its own block
     boundary, over the cached blocks before them.
   mode "step": x [b, 1, d], one new row per sequence, each at its own position.
   topk: None lets every earlier block compete (training); an int keeps each query's top-k
@@ -70,7 +71,7 @@ class LandmarkSelfAttention(nn.Module):
             variable("position", (batch,), jnp.int32))
 
   def _segment(self, q, k, v, settings):
-    """Whole blocks (q [b, n * S, heads, head_dim]) continuing every sequence at the same block
+    """Whole blocks (q [b, n * S, heads, head_dim]) continuing each sequence from its own block
     boundary: they join the cached memory, and each attends the memory blocks before it."""
     c = self.config
     size, theta = c.chunk_size, c.rope_theta
@@ -78,10 +79,9 @@ class LandmarkSelfAttention(nn.Module):
     in_blocks = lambda t: t.reshape((batch, rows // size, size) + t.shape[2:])  # noqa: E731
     q, k, v = in_blocks(q), in_blocks(k), in_blocks(v)
     mem_k, mem_v, _, _, position = self._cache(batch, k.dtype)
-    first = position.value[0] // size
-    mem_k.value = jax.lax.dynamic_update_slice_in_dim(
-        mem_k.value, rotate(k, theta, earlier=True), first, axis=1)
-    mem_v.value = jax.lax.dynamic_update_slice_in_dim(mem_v.value, v, first, axis=1)
+    first = position.value // size  # [b]
+    mem_k.value = write_rows(mem_k.value, rotate(k, theta, earlier=True), first)
+    mem_v.value = write_rows(mem_v.value, v, first)
     position.value = position.value + rows
     out = attend_blocks(rotate(q, theta), rotate(k, theta), v, mem_k.value, mem_v.value, first,
                         **settings)
