@@ -3,7 +3,8 @@ compare the per-step losses (issue 17: "20 training steps of the paper config ma
 path's losses"; earlier, issue 3: the kernels against XLA).
 
   python bench/impl_parity.py --config configs/drt_pg19.py --impls triton,mosaic --steps 20 \
-      --set data.source=pydoc --set data.tokenizer=byte --set model.vocab_size=259 \
+      --set data.source=pydoc --set data.eval_path= --set data.tokenizer=byte \
+      --set model.vocab_size=259 \
       --set train.global_batch_size=4 --out FILE.json
 
 The first impl is the baseline: differences are the second's losses minus the first's. An op the
