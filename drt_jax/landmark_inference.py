@@ -28,7 +28,7 @@ def _model(config: ModelConfig, mode: str, capacity: int) -> LandmarkLM:
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
 def _token_step(config: ModelConfig, capacity: int, params, cache, tokens, rows):
   """One token per sequence (int [b]) -> (final-normed hidden [b, d], cache); the caches change
-  only where rows (inference._keep_rows)."""
+  only where rows (inference.keep_rows)."""
   def run(m):
     return m.finish(m.layers(m.token_row(tokens), config.topk))[:, 0]
 
