@@ -118,7 +118,11 @@ def _saved_state(workdir, step):
   """The TrainState of a checkpoint as nested dicts of arrays."""
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                   item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore())).state
+  # As host numpy arrays: a test has no sharding to restore into.
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          manager.item_metadata(step)["state"])
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(restore_args=as_numpy))).state
   manager.close()
   return state
 
