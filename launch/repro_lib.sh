@@ -1,6 +1,9 @@
 # Shared by launch/repro_{ppl,multihop,retrieval,landmark}.sh (sourced, not run): train the
-# variants of one experiment with drt_jax.sweep, evaluate every run into RUN/eval/, compare them
-# into bench/results/repro_<name>/ and bench/results/repro_<name>.json, printing wall times.
+# variants of one experiment with drt_jax.sweep, evaluate every run into RUN/eval/, copy each run's
+# record (metrics.jsonl, config.json, overrides.txt, eval/; no checkpoints) to
+# bench/results/repro_<name>/runs/<run>, and compare every record there (those of variants run
+# earlier too) into bench/results/repro_<name>/ and bench/results/repro_<name>.json, printing wall
+# times.
 #
 # The script sets NAME, CONFIG, VARIANTS_ALL (an associative array label -> fields), SEEDS_DEFAULT
 # and defines evaluate_run RUN TRAIN_LEN (the evals of one run, through eval_into). Environment:
@@ -101,8 +104,16 @@ run_experiment() {
     train_len=$("$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["data"]["seq_len"])' "$run/config.json")
     evaluate_run "$run" "$train_len" "$(basename "$run")"
   done
-  mkdir -p "$out_dir"
-  timed "compare" "$python" -m drt_jax.compare "${runs[@]}" --out "$out_dir/$sweep_name"
+  # Each run's record (no checkpoints) is kept under the results, so that variants trained in
+  # another call or on another machine (VARIANTS=...) join the same comparison.
+  local records=$out_dir/$sweep_name/runs
+  mkdir -p "$records"
+  for run in "${runs[@]}"; do
+    local record=$records/$(basename "$run")
+    rm -rf "$record" && mkdir -p "$record"
+    cp -r "$run"/{metrics.jsonl,config.json,overrides.txt,eval} "$record"/
+  done
+  timed "compare" "$python" -m drt_jax.compare "$records"/*/ --out "$out_dir/$sweep_name"
   cp "$out_dir/$sweep_name/compare.json" "$results"
   echo "== $sweep_name: $((SECONDS - total)) s wall in all; table $out_dir/$sweep_name/compare.md, plots beside it, $results" >&2
 }
