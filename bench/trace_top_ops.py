@@ -23,6 +23,9 @@ ATTENTION = re.compile(r"sliding_window|gca|flash|attention", re.IGNORECASE)
 COPY = re.compile(r"memcpy|memset|copy", re.IGNORECASE)
 INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$')
 OP_NAME = re.compile(r'op_name="([^"]*)"')
+COMMAND_BUFFER_SCOPE = "(command buffer)"
+COMMAND_BUFFER_HINT = ("trace with command buffers off (XLA_FLAGS=--xla_gpu_enable_command_buffer=, "
+                       "or bench/train_step.py --no_command_buffers) to attribute kernels to scopes")
 
 
 def find_trace(path: str) -> str:
@@ -97,13 +100,18 @@ def summarize(trace_path: str, hlo_path: str | None, steps: int, depth: int = 3)
     args = event.get("args", {})
     hlo_op = args.get("hlo_op") or args.get("long_name") or event["name"]
     scope, instruction = index.get(hlo_op, ("", ""))
-    # XLA on the GPU runs most of a step as command buffers (CUDA graphs): hlo_op then names the
-    # buffer, and the kernel's own op and scope are in tf_op ("<op_name>:<op>" or the op_name).
-    scope = args.get("tf_op", "").rsplit(":", 1)[0] or scope
+    # tf_op holds the kernel's op_name ("<op_name>:<op>" or the op_name). Inside an XLA command
+    # buffer (a CUDA graph, XLA's default on the GPU) it is only "XlaModule" and hlo_op names the
+    # buffer: no scope can be had, see COMMAND_BUFFER_HINT.
+    tf_op = args.get("tf_op", "").rsplit(":", 1)[0]
+    scope = tf_op if "/" in tf_op else scope
+    if not scope and hlo_op.startswith("command_buffer"):
+      scope = COMMAND_BUFFER_SCOPE
     key = (hlo_op, event["name"], scope, category(event["name"], hlo_op, instruction))
     ops[key]["us"] += event["dur"]
     ops[key]["count"] += 1
   total = sum(v["us"] for v in ops.values())
+  hidden = sum(v["us"] for k, v in ops.items() if k[2] == COMMAND_BUFFER_SCOPE)
   rows = sorted(({"hlo_op": k[0], "kernel": k[1], "scope": short_scope(k[2], 8), "category": k[3],
                   "ms_per_step": v["us"] / 1e3 / steps, "count_per_step": v["count"] / steps,
                   "share": v["us"] / total if total else 0.0} for k, v in ops.items()),
@@ -119,6 +127,7 @@ def summarize(trace_path: str, hlo_path: str | None, steps: int, depth: int = 3)
 
   return {"trace": trace_path, "steps": steps, "device_ms_per_step": total / 1e3 / steps,
           "event_arg_keys": sorted(events[0].get("args", {})) if events else [],
+          "command_buffer_share": hidden / total if total else 0.0,
           "by_category": by("category"), "by_scope": by("scope"), "top_ops": rows}
 
 
@@ -128,6 +137,9 @@ def print_summary(summary: dict, top: int = 30) -> None:
   print(f"{'category':20} {'ms/step':>9} {'share':>6}")
   for r in summary["by_category"]:
     print(f"{r['category']:20} {r['ms_per_step']:9.2f} {r['share']:6.1%}")
+  if summary["command_buffer_share"] > 0.5:
+    print(f"{summary['command_buffer_share']:.0%} of the time ran in XLA command buffers, which "
+          f"hide each kernel's scope: {COMMAND_BUFFER_HINT}")
   print(f"\n{'scope':48} {'ms/step':>9} {'share':>6}")
   for r in summary["by_scope"][:top]:
     print(f"{r['scope'][:48]:48} {r['ms_per_step']:9.2f} {r['share']:6.1%}")

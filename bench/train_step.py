@@ -15,7 +15,9 @@ config's step time is also given as a ratio to the baseline's. MFU is given two 
 project's matmul count (drt_jax.config.flops_per_token) and 6 x non-embedding params per position
 plus attention (`mfu_6n`). --profile_steps N traces N more steps of each config with jax.profiler
 (into --profile_dir/<config>/, with the compiled step's HLO text) and prints its top device ops
-(bench/trace_top_ops.py); the summary goes into the JSON too.
+(bench/trace_top_ops.py); the summary goes into the JSON too. XLA runs most of a GPU step as
+command buffers, which hide each kernel's scope from the trace: --no_command_buffers turns them off
+for a run whose profile is read by scope (its step times are then not the default's).
 """
 
 import argparse
@@ -171,8 +173,14 @@ def main():
                       help="trace this many more steps of each config (0 = no profile)")
   parser.add_argument("--profile_dir", default="",
                       help="where traces go; default: the --out file's folder")
+  parser.add_argument("--no_command_buffers", action="store_true",
+                      help="XLA launches each kernel on its own instead of as CUDA graphs, so a "
+                      "profile names every kernel's scope (step times then include the launches)")
   parser.add_argument("--out", required=True, help="JSON file for the results")
   args = parser.parse_args()
+  if args.no_command_buffers:  # read when the first backend starts, which nothing did yet
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", ""), "--xla_gpu_enable_command_buffer="]).strip()
 
   archs = [a.strip() for a in args.archs.split(",") if a.strip()]
   for arch in archs:
