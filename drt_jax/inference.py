@@ -12,13 +12,13 @@ Tokens go in as segments of whole model.chunk_len chunks (batch mode over the ca
 a chunk boundary, or one at a time; either way the hidden state of every token equals the one-shot
 forward's. Subclasses provide the segment and the token step.
 
-CachedDecoder (swa, full) applies the model's stage methods over KV caches: a ring of window + 1
-positions per layer for sliding-window attention, a linear cache of max_len for full attention.
+CachedDecoder (swa, full) applies the model's stage methods over KV caches: a ring of the last
+window + 1 positions (attention.ring_slots) per layer for sliding-window attention, a linear cache of max_len for full attention.
 
 DRTDecoder (chunk memory on the device or in host memory; §4 of docs/specification.md). A DRT
 session holds the state of a batch of sequences:
   * per self-attention layer, a ring buffer of the last window + 1 keys/values
-    (attention.SelfAttention);
+    (attention.SelfAttention, attention.ring_slots);
   * the lower-layer output of the current chunk's rows, encoded when its landmark arrives;
   * per group, the retrieval serving the current chunk, and its chunks' K/V on the device;
   * a chunk store, on the device or in host memory, with every encoded chunk's K/V and landmark

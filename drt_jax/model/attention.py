@@ -146,6 +146,15 @@ def write_rows(cache, rows, first):
       cache, rows, first)
 
 
+RING_TILE = 64  # the slots per step of the decode kernels (sliding_window_mosaic takes whole steps)
+
+
+def ring_slots(window: int) -> int:
+  """Slots of a sliding-window layer's decoding ring: the window + 1 positions a query sees,
+  rounded up to whole RING_TILEs (the slots past window + 1 are never visible)."""
+  return -(-(window + 1) // RING_TILE) * RING_TILE
+
+
 MODES = ("train", "step", "segment")
 KINDS = ("sliding", "full")
 
@@ -158,12 +167,12 @@ class SelfAttention(nn.Module):
   mode "train": x holds whole sequences from position 0; no state.
   mode "step": x [b, 1, d_model], one new row per sequence, each at its own position.
   mode "segment": x [b, rows, d_model], rows continuing each sequence from its own position.
-  Decoding keeps the keys/values in flax collection "cache": for "sliding" a ring of window + 1
-  slots (position p in slot p % (window + 1)); a segment attends to the `history` cached positions
-  before it (history = min(position, window + 1), static, so no slot never written is read; a
-  sequence below that position reads unwritten slots, and the decoder keeps none of its
-  results: inference.Session._pieces). For
-  "full" a linear cache of `cache_len` slots (position p in slot p), masked past each row.
+  Decoding keeps the keys/values in flax collection "cache": for "sliding" a ring of
+  ring_slots(window) slots (position p in slot p % slots); a segment attends to the `history`
+  cached positions before it (history = min(position, window + 1), static, so no slot never
+  written is read; a sequence below that position reads unwritten slots, and the decoder keeps
+  none of its results: inference.Session._pieces). For "full" a linear cache of `cache_len` slots
+  (position p in slot p), masked past each row.
   """
   config: ModelConfig
   kind: str = "sliding"
@@ -218,7 +227,7 @@ class SelfAttention(nn.Module):
 
   def _cached_sliding(self, q, k, v, p, slopes, scale):
     c = self.config
-    size = c.window + 1
+    size = ring_slots(c.window)
     k_cache, v_cache = self._cache(size, k, v)
     rows = q.shape[1]
     if self.mode == "step":

@@ -24,7 +24,8 @@ class CausalLM(nn.Module):
 
   Decoding (inference.CachedDecoder) applies the same stage methods to a CausalLM built with
   mode="step" or "segment": the self-attention layers then keep a KV cache (collection "cache";
-  attention.SelfAttention), of window + 1 positions for "swa" and cache_len for "full".
+  attention.SelfAttention), a ring of the last window + 1 positions for "swa" and cache_len for
+  "full".
   """
   config: ModelConfig
   mode: str = "train"  # attention.MODES
