@@ -532,7 +532,8 @@ def sliding_window_attention(q, k, v, slopes=None, *, window: int, scale: float,
 # p = s (mod cache_len), at distance (position - s) mod cache_len from the query.
 
 
-def _check_decode_inputs(q, k_cache, v_cache, position, window):
+def check_decode_inputs(q, k_cache, v_cache, position, window):
+  """Raises ValueError naming the first argument of sliding_window_decode's that is malformed."""
   if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
     raise ValueError(f"q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}: expected q "
                      "[batch, heads, head_dim] and caches [batch, cache_len, kv_heads, head_dim]")
@@ -559,7 +560,7 @@ def _slot_distance(position, slots, cache_len: int):
 def sliding_window_decode_reference(q, k_cache, v_cache, slopes=None, *, window: int, scale: float,
                                     position):
   """Plain-JAX decode step; the oracle of sliding_window_decode (same arguments)."""
-  _check_decode_inputs(q, k_cache, v_cache, position, window)
+  check_decode_inputs(q, k_cache, v_cache, position, window)
   batch, heads, head_dim = q.shape
   cache_len, kv_heads = k_cache.shape[1:3]
   group = heads // kv_heads
@@ -655,7 +656,7 @@ def sliding_window_decode(q, k_cache, v_cache, slopes=None, *, window: int, scal
   Returns:
     [batch, heads, head_dim] in q's dtype. Time is O(cache_len), not differentiable.
   """
-  _check_decode_inputs(q, k_cache, v_cache, position, window)
+  check_decode_inputs(q, k_cache, v_cache, position, window)
   _check_kernel_inputs(q, slopes)
   block_sizes = SlidingWindowBlockSizes.for_device() if block_sizes is None else block_sizes
   return _decode(q, k_cache, v_cache, slopes_or_zeros(slopes, q.shape[1]),

@@ -16,6 +16,10 @@ accumulation; the softmax is base 2 and online in the forward.
 
 ALiBi: the bias -slope * (i - j) of a tile is a fixed [64, tile] pattern -slope * (row - col),
 built once per warpgroup, plus a per-tile constant, so each tile pays one add for it.
+
+Decoding (sliding_window_decode, one new query per sequence against a ring-buffer cache) is one
+warpgroup per (batch, kv head): the query heads of the kv head form the rows of one zero-padded
+64-row tile, and the whole ring streams past it block_k slots at a time by TMA.
 """
 
 import dataclasses
@@ -29,12 +33,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.sliding_window import (alibi_slopes, check_shapes, differentiable, key_blocks,
-                                           query_blocks, sliding_window_reference,
-                                           slopes_or_zeros)
+from kernels_pallas.sliding_window import (alibi_slopes, check_decode_inputs, check_shapes,
+                                           differentiable, key_blocks, query_blocks,
+                                           sliding_window_decode_reference,
+                                           sliding_window_reference, slopes_or_zeros)
 
 __all__ = ["MosaicBlockSizes", "alibi_slopes", "sliding_window_attention",
-           "sliding_window_reference", "unsupported_reason"]
+           "sliding_window_decode", "sliding_window_decode_reference", "sliding_window_reference",
+           "unsupported_reason"]
 
 _LOG2E = math.log2(math.e)
 # Finite, so that a row whose first tiles are wholly masked gives exp2(0) = 1 instead of NaN; the
@@ -50,9 +56,10 @@ _DTYPES = (jnp.bfloat16, jnp.float16)
 class MosaicBlockSizes:
   """Streamed tile sizes and pipeline depths of the three kernels (the fixed tiles are 2 x 64).
 
-  block_k: keys per stream step of the forward; block_k_dq: of the dQ
+  block_k: keys per stream step of the forward and of decoding; block_k_dq: of the dQ
   kernel; block_q_dkv: queries per stream step of the dK/dV kernel. stages: shared-memory slots of
-  each stream (TMA runs up to stages - 1 tiles ahead of the compute warpgroups).
+  each stream (TMA runs up to stages - 1 tiles ahead of the compute warpgroups); decoding has
+  `stages` steps in flight.
   """
   block_k: int = 64
   stages: int = 3
@@ -91,16 +98,21 @@ def _smem_bytes(head_dim: int, group: int, itemsize: int, bs: MosaicBlockSizes) 
 
 
 def unsupported_reason(q, k, v, slopes=None, *, window: int,
-                       block_sizes: MosaicBlockSizes | None = None, **settings) -> str | None:
-  """None if sliding_window_attention supports these inputs, else a one-line reason.
+                       block_sizes: MosaicBlockSizes | None = None, position=None,
+                       **settings) -> str | None:
+  """None if sliding_window_attention (q [b, t, heads, d]) or sliding_window_decode (q [b, heads,
+  d], k and v the caches, `position` given) supports these inputs, else a one-line reason.
 
   q, k, v may be arrays or jax.ShapeDtypeStruct. The Mosaic kernels need bf16/f16 (wgmma), head_dim
-  64 or 128 (128-byte swizzled tiles) and a length that is a multiple of the tiles (no padding is
-  done, unlike the Triton path).
+  64 or 128 (128-byte swizzled tiles) and a length (a cache length when decoding) that is a
+  multiple of the tiles (no padding is done, unlike the Triton path).
   """
   block_sizes = MosaicBlockSizes() if block_sizes is None else block_sizes
   try:
-    check_shapes(q, k, v, window)
+    if q.ndim == 3:
+      check_decode_inputs(q, k, v, position, window)
+    else:
+      check_shapes(q, k, v, window)
   except ValueError as e:
     return str(e)
   if q.dtype != k.dtype or q.dtype != v.dtype:
@@ -110,20 +122,28 @@ def unsupported_reason(q, k, v, slopes=None, *, window: int,
   head_dim = q.shape[-1]
   if head_dim not in _HEAD_DIMS:
     return f"head_dim={head_dim} must be one of {_HEAD_DIMS}"
-  length = q.shape[1]
-  if length % block_sizes.length_multiple:
-    return f"length={length} must be a multiple of {block_sizes.length_multiple}"
-  smem = _smem_bytes(head_dim, q.shape[2] // k.shape[2], jnp.dtype(q.dtype).itemsize, block_sizes)
+  if slopes is not None and jnp.shape(slopes) != (q.shape[-2],):
+    return f"slopes shape {jnp.shape(slopes)} must be (heads,) = ({q.shape[-2]},)"
+  group = q.shape[-2] // k.shape[2]
+  # The training kernels' shared memory; decoding's (one fixed tile, one ring) is less.
+  smem = _smem_bytes(head_dim, group, jnp.dtype(q.dtype).itemsize, block_sizes)
   if smem > _SMEM_BYTES:
     return f"block_sizes={block_sizes} need {smem} bytes of shared memory at head_dim={head_dim}" \
            f" (> {_SMEM_BYTES}): fewer stages or smaller tiles"
-  if slopes is not None and jnp.shape(slopes) != (q.shape[2],):
-    return f"slopes shape {jnp.shape(slopes)} must be (heads,) = ({q.shape[2]},)"
+  if q.ndim == 3:
+    if group > _ROWS:
+      return f"heads per kv head={group} must be <= {_ROWS} (the rows of one decoding tile)"
+    if k.shape[1] % block_sizes.block_k:
+      return f"cache_len={k.shape[1]} must be a multiple of block_k={block_sizes.block_k}"
+    return None
+  if q.shape[1] % block_sizes.length_multiple:
+    return f"length={q.shape[1]} must be a multiple of {block_sizes.length_multiple}"
   return None
 
 
-def _check_supported(q, k, v, window, slopes, block_sizes):
-  reason = unsupported_reason(q, k, v, slopes, window=window, block_sizes=block_sizes)
+def _check_supported(q, k, v, window, slopes, block_sizes, position=None):
+  reason = unsupported_reason(q, k, v, slopes, window=window, block_sizes=block_sizes,
+                              position=position)
   if reason is not None:
     raise ValueError(reason)
 
@@ -180,9 +200,10 @@ def _matmul(a, b, shape, staging=None):
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
-def _staging_tiles(interpret: bool, shape, dtype):
-  """Per-warpgroup smem tiles [2, *shape] for register wgmma operands in interpret mode."""
-  return plgpu.SMEM((_COMPUTE_WGS, *shape), dtype) if interpret else None
+def _staging_tiles(interpret: bool, shape, dtype, warpgroups: int = _COMPUTE_WGS):
+  """Per-warpgroup smem tiles [warpgroups, *shape] for register wgmma operands in interpret
+  mode."""
+  return plgpu.SMEM((warpgroups, *shape), dtype) if interpret else None
 
 
 def _visible(distance, window: int):
@@ -375,11 +396,13 @@ def _tile(dtype, *shape):
   return plgpu.SMEM(shape, dtype, transforms=_tile_transforms())
 
 
-def _launch(kernel, *, out_type, scratch_types, grid, grid_names, interpret: bool, name: str):
-  """plgpu.kernel with what every kernel here shares: _COMPUTE_WGS compute warpgroups and one
-  memory warpgroup (thread axis "wg"), approximate exp2, Mosaic GPU's interpreter off-GPU."""
+def _launch(kernel, *, out_type, scratch_types, grid, grid_names, interpret: bool, name: str,
+            warpgroups: int = _COMPUTE_WGS + 1):
+  """plgpu.kernel with what every kernel here shares: `warpgroups` warpgroups (thread axis "wg";
+  the training kernels' _COMPUTE_WGS compute warpgroups and one memory warpgroup by default),
+  approximate exp2, Mosaic GPU's interpreter off-GPU."""
   return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch_types, grid=grid,
-                      grid_names=grid_names, num_threads=_COMPUTE_WGS + 1, thread_name="wg",
+                      grid_names=grid_names, num_threads=warpgroups, thread_name="wg",
                       compiler_params=plgpu.CompilerParams(approx_math=True),
                       interpret=_interpret_params(interpret), kernel_name=name)
 
@@ -674,3 +697,153 @@ def sliding_window_attention(q, k, v, slopes=None, *, window: int, scale: float,
 
 
 _attention = differentiable(_forward, _backward)
+
+
+def _decode_kernel(q_ref, k_ref, v_ref, slope_ref, position_ref, o_ref, q_smem, k_smem, v_smem,
+                   slope_smem, p_stage, q_bar, slope_bar, k_bar, v_bar, *, scale, window, block_k,
+                   stages, alibi):
+  """One program: the query heads of one (batch, kv head), zero-padded to 64 rows, against every
+  slot of that kv head's ring; block_k slots per step, `stages` steps in flight.
+
+  q_ref/o_ref [batch, kv_heads, 64, head_dim]; k_ref/v_ref [batch, cache_len, kv_heads, head_dim];
+  slope_ref [kv_heads, 64] f32 (each row's head slope); position_ref int32 [batch].
+  """
+  batch, kv_head = lax.axis_index("batch"), lax.axis_index("kv_heads")
+  cache_len = k_ref.shape[1]
+  steps = cache_len // block_k
+  position = position_ref[batch]
+  dtype = q_ref.dtype
+
+  def fetch(i, slot):
+    rows = pl.ds(i * block_k, block_k)
+    plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot], v_bar.at[slot])
+
+  plgpu.copy_gmem_to_smem(q_ref.at[batch, kv_head], q_smem, q_bar.at[0])
+  plgpu.copy_gmem_to_smem(slope_ref.at[kv_head], slope_smem, slope_bar.at[0])
+  for i in range(stages):
+    fetch(i, i)
+  plgpu.barrier_wait(slope_bar.at[0])
+  slope = _load_rows(slope_smem) * _LOG2E
+  plgpu.barrier_wait(q_bar.at[0])
+
+  def visible_slots(i, shape, axis):
+    """Which slots of step i (along `axis` of a tile) the query sees: slot s holds the newest
+    position p <= position with p = s mod cache_len, at distance (position - s) mod cache_len;
+    returns (visible, distance)."""
+    first = lax.rem(position - i * block_k, cache_len)
+    first = jnp.where(first < 0, first + cache_len, first)  # distance to the step's first slot
+    distance = first - plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
+    distance = jnp.where(distance < 0, distance + cache_len, distance)
+    return (distance <= window) & (distance <= position), distance
+
+  shape = (_ROWS, block_k)
+  v_shape = (block_k, v_smem.shape[-1])
+
+  def step(i, carry):
+    acc, m, l = carry
+    slot = lax.rem(i, stages)
+    plgpu.barrier_wait(k_bar.at[slot])
+    s = _matmul(q_smem, k_smem.at[slot].transpose((1, 0)), shape) * (scale * _LOG2E)
+    visible, distance = visible_slots(i, shape, 1)
+    if alibi:
+      s = s - _row_vector(slope, shape) * distance.astype(jnp.float32)
+    s = jnp.where(visible, s, _MASK_VALUE)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - _row_vector(m_new, shape))
+    l = l * alpha + p.sum(axis=1)
+    plgpu.barrier_wait(v_bar.at[slot])
+    # Hidden slots may hold anything (NaN where never written): p is 0 there, but 0 * NaN is NaN,
+    # so their values are zeroed before the product.
+    v = plgpu.load(v_smem.at[slot], layout=plgpu.Layout.WGMMA)
+    v_smem[slot] = jnp.where(visible_slots(i, v_shape, 0)[0], v, jnp.zeros_like(v))
+    plgpu.commit_smem()
+    pv = _matmul(p.astype(dtype), v_smem.at[slot], acc.shape, p_stage)
+    acc = acc * _row_vector(alpha, acc.shape) + pv
+
+    @pl.when(i + stages < steps)
+    def _():  # both tiles of `slot` are consumed: the wgmma results above were read
+      fetch(i + stages, slot)
+
+    return acc, m_new, l
+
+  rows = plgpu.Layout.WGMMA.reduce(1)
+  carry = (_zeros((_ROWS, q_smem.shape[-1])),
+           plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), rows),
+           plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), rows))
+  acc, _, l = lax.fori_loop(0, steps, step, carry)
+  q_smem[...] = (acc / _row_vector(l, acc.shape)).astype(dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, kv_head])
+  plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _decode(q_rows, k_cache, v_cache, slope_rows, position, *, window, scale, alibi, block_sizes,
+            interpret):
+  """q_rows [batch, kv_heads, 64, head_dim] -> like it (the rows past each group's heads are
+  padding); slope_rows [kv_heads, 64] f32."""
+  batch, kv_heads, _, head_dim = q_rows.shape
+  bs = block_sizes
+  stages = min(bs.stages, k_cache.shape[1] // bs.block_k)
+  tile = functools.partial(_tile, q_rows.dtype)
+  kernel = functools.partial(_decode_kernel, scale=scale, window=window, block_k=bs.block_k,
+                             stages=stages, alibi=alibi)
+  return _launch(
+      kernel,
+      out_type=jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
+      scratch_types=[
+          tile(_ROWS, head_dim),
+          tile(stages, bs.block_k, head_dim),
+          tile(stages, bs.block_k, head_dim),
+          plgpu.SMEM((_ROWS,), jnp.float32),
+          None if not interpret else plgpu.SMEM((_ROWS, bs.block_k), q_rows.dtype),
+          plgpu.Barrier(num_barriers=1),
+          plgpu.Barrier(num_barriers=1),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=stages),
+      ],
+      grid=(kv_heads, batch),
+      grid_names=("kv_heads", "batch"),
+      interpret=interpret,
+      name="sliding_window_mosaic_decode",
+      warpgroups=1,
+  )(q_rows, k_cache, v_cache, slope_rows, position)
+
+
+def sliding_window_decode(q, k_cache, v_cache, slopes=None, *, window: int, scale: float, position,
+                          block_sizes: MosaicBlockSizes | None = None,
+                          interpret: bool = False) -> jax.Array:
+  """One decoding step of sliding-window attention against a ring-buffer KV cache, as a Mosaic
+  GPU kernel (same semantics and arguments as sliding_window_decode_reference).
+
+  Args:
+    q: [batch, heads, head_dim], bfloat16/float16; head_dim 64 or 128; at most 64 heads per kv head.
+    k_cache, v_cache: [batch, cache_len, kv_heads, head_dim], q's dtype; position p in slot
+      p % cache_len, the new query's own key/value already written; cache_len >= window + 1 and a
+      multiple of block_sizes.block_k (64 by default).
+    slopes: optional [heads] ALiBi slopes (float32); None disables ALiBi.
+    window: keys at distance <= window are visible.
+    scale: logit scale.
+    position: int [batch], absolute position of each new query (>= 0). Slots holding positions
+      older than position - window, or not yet written (p < 0), are ignored, whatever they hold.
+    block_sizes: block_k (slots per step) and stages (steps in flight); None = MosaicBlockSizes().
+    interpret: run the kernel in Mosaic GPU's interpret mode (CPU tests).
+  Returns:
+    [batch, heads, head_dim] in q's dtype. Time is O(cache_len), not differentiable.
+  Raises:
+    ValueError with unsupported_reason(...) for inputs the kernel does not take.
+  """
+  block_sizes = MosaicBlockSizes() if block_sizes is None else block_sizes
+  position = jnp.asarray(position, jnp.int32)
+  _check_supported(q, k_cache, v_cache, window, slopes, block_sizes, position)
+  batch, heads, head_dim = q.shape
+  kv_heads = k_cache.shape[2]
+  group = heads // kv_heads
+  pad = _ROWS - group
+  q_rows = jnp.pad(q.reshape(batch, kv_heads, group, head_dim), ((0, 0), (0, 0), (0, pad), (0, 0)))
+  slope_rows = jnp.pad(slopes_or_zeros(slopes, heads).reshape(kv_heads, group), ((0, 0), (0, pad)))
+  out = _decode(q_rows, k_cache, v_cache, slope_rows, position, window=window, scale=float(scale),
+                alibi=slopes is not None, block_sizes=block_sizes, interpret=interpret)
+  return out[:, :, :group].reshape(batch, heads, head_dim)

@@ -1,8 +1,8 @@
 """Mosaic GPU sliding-window attention (kernels_pallas/sliding_window_mosaic.py) vs the reference.
 
-CPU: Mosaic GPU's interpret mode on small bf16 shapes against the float32 reference (forward and
-gradients), and the real Mosaic GPU lowering for CUDA at the paper's shape (lowered, not run).
-GPU (`-m gpu`): the paper's shape in bf16, within the Triton path's tolerance.
+CPU: Mosaic GPU's interpret mode on small bf16 shapes against the float32 reference (forward,
+gradients and the decode step), and the real Mosaic GPU lowering for CUDA at the paper's shape
+(lowered, not run). GPU (`-m gpu`): the paper's shape in bf16, within the Triton path's tolerance.
 """
 
 import functools
@@ -14,7 +14,9 @@ import pytest
 
 from kernels_pallas import sliding_window_mosaic as swm
 from tests.test_sliding_window_kernel import kernel_and_reference as triton_kernel_and_reference
-from tests.test_sliding_window_kernel import rel_err, random_inputs, slopes_for
+from drt_jax.model import attention
+from drt_jax.model import attention_impls as impls
+from tests.test_sliding_window_kernel import rel_err, random_inputs, ring_cache, slopes_for
 
 # bf16 inputs, so the outputs carry bf16 rounding (~2e-3); gradients twice the forward's.
 TOLERANCE = {"out": 1e-2, "dq": 2e-2, "dk": 2e-2, "dv": 2e-2}
@@ -117,3 +119,96 @@ def test_matches_reference_gpu(batch, length, heads, kv_heads, head_dim, alibi):
   for name, x, ref in zip(("out", "dq", "dk", "dv"), got, want):
     assert bool(jnp.isfinite(x).all()), name
     assert rel_err(x, ref) < 1e-2, name
+
+
+def decode_and_reference(window, cache_len, batch, heads, kv_heads, head_dim, alibi, block_sizes,
+                         interpret):
+  """(the Mosaic decode step, the f32 full-sequence forward) at each sequence's position, from a
+  ring cache whose never-written slots hold NaN."""
+  length = 2 * cache_len + 44
+  q, k, v, _ = random_inputs(window + cache_len, batch, length, heads, kv_heads, head_dim,
+                             jnp.bfloat16)
+  slopes = slopes_for(heads, alibi)
+  positions = np.array([length - 1, 10, 0, cache_len + 3, window, cache_len - 1][:batch])
+  with jax.default_matmul_precision("highest"):
+    full = swm.sliding_window_reference(*(x.astype(jnp.float32) for x in (q, k, v)), slopes,
+                                        window=window, scale=head_dim ** -0.5)
+  k_cache, v_cache = ring_cache(k.astype(jnp.float32), v.astype(jnp.float32), positions, cache_len)
+  rows = np.arange(batch)
+  got = swm.sliding_window_decode(q[rows, positions], k_cache.astype(jnp.bfloat16),
+                                  v_cache.astype(jnp.bfloat16), slopes, window=window,
+                                  scale=head_dim ** -0.5, position=jnp.asarray(positions),
+                                  block_sizes=block_sizes, interpret=interpret)
+  return got, full[rows, positions]
+
+
+# (window, cache_len, heads, kv_heads, alibi, block_sizes): the ring larger than and equal to
+# window + 1, GQA group 2 and 1, both tile sizes, fewer steps than stages.
+DECODE_CASES = [
+    (100, 128, 4, 2, True, swm.MosaicBlockSizes()),
+    (127, 128, 2, 2, False, swm.MosaicBlockSizes(block_k=128)),
+    (60, 192, 2, 1, True, swm.MosaicBlockSizes(stages=2)),
+]
+
+
+@pytest.mark.parametrize("window,cache_len,heads,kv_heads,alibi,block_sizes", DECODE_CASES)
+def test_decode_matches_the_full_sequence_interpret(window, cache_len, heads, kv_heads, alibi,
+                                                   block_sizes):
+  got, want = decode_and_reference(window, cache_len, 6, heads, kv_heads, 64, alibi, block_sizes,
+                                   True)
+  assert got.dtype == jnp.bfloat16 and got.shape == want.shape
+  assert bool(jnp.isfinite(got).all())  # the NaN of unwritten slots never leaks
+  assert rel_err(got, want) < TOLERANCE["out"]
+
+
+def test_decode_unsupported_reasons():
+  q = jax.ShapeDtypeStruct((2, 4, 64), jnp.bfloat16)
+  cache = jax.ShapeDtypeStruct((2, 576, 2, 64), jnp.bfloat16)
+  position = jnp.zeros(2, jnp.int32)
+  assert swm.unsupported_reason(q, cache, cache, window=512, position=position) is None
+  odd = jax.ShapeDtypeStruct((2, 513, 2, 64), jnp.bfloat16)
+  assert "cache_len=513 must be a multiple of block_k=64" in swm.unsupported_reason(
+      q, odd, odd, window=512, position=position)
+  assert "cache_len=576 must be >= window + 1" in swm.unsupported_reason(
+      q, cache, cache, window=600, position=position)
+  with pytest.raises(ValueError, match="cache_len=513"):
+    swm.sliding_window_decode(jnp.zeros(q.shape, q.dtype), jnp.zeros(odd.shape, odd.dtype),
+                              jnp.zeros(odd.shape, odd.dtype), window=512, scale=1.0,
+                              position=position)
+
+
+def test_decoding_rings_fit_the_mosaic_decode_step(caplog):
+  """The model's rings (attention.ring_slots) take the Mosaic decode step for any window."""
+  q = jax.ShapeDtypeStruct((1, 4, 64), jnp.bfloat16)
+  for window in (1, 63, 64, 100, 512):
+    slots = attention.ring_slots(window)
+    assert window + 1 <= slots < window + 1 + attention.RING_TILE
+    cache = jax.ShapeDtypeStruct((1, slots, 2, 64), jnp.bfloat16)
+    assert impls.SLIDING_WINDOW_DECODE.choose(
+        ("mosaic", "triton", "xla"), q, cache, cache, window=window, scale=1.0,
+        position=jnp.zeros(1, jnp.int32)) == "mosaic"
+
+
+def test_decode_lowers_for_cuda_at_paper_shape():
+  batch, _, heads, kv_heads, head_dim = PAPER_SHAPE
+  q = jax.ShapeDtypeStruct((batch, heads, head_dim), jnp.bfloat16)
+  cache = jax.ShapeDtypeStruct((batch, attention.ring_slots(512), kv_heads, head_dim),
+                               jnp.bfloat16)
+  slopes = slopes_for(heads, True)
+  step = lambda q, k, v, p: swm.sliding_window_decode(q, k, v, slopes, window=512,
+                                                      scale=head_dim ** -0.5, position=p)
+  assert "mosaic_gpu" in lower_for_cuda(step, q, cache, cache,
+                                        jax.ShapeDtypeStruct((batch,), jnp.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_sizes", [
+    (12, 12, 64, None),  # the paper's heads, the model's ring at window 512
+    (8, 2, 128, swm.MosaicBlockSizes(block_k=128, stages=2)),
+])
+def test_decode_matches_the_full_sequence_gpu(heads, kv_heads, head_dim, block_sizes):
+  cache_len = attention.ring_slots(512) if block_sizes is None else 640
+  got, want = decode_and_reference(512, cache_len, 6, heads, kv_heads, head_dim, True,
+                                   block_sizes, False)
+  assert bool(jnp.isfinite(got).all())
+  assert rel_err(got, want) < TOLERANCE["out"]
