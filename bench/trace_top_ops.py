@@ -24,8 +24,9 @@ COPY = re.compile(r"memcpy|memset|copy", re.IGNORECASE)
 INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$')
 OP_NAME = re.compile(r'op_name="([^"]*)"')
 COMMAND_BUFFER_SCOPE = "(command buffer)"
-COMMAND_BUFFER_HINT = ("trace with command buffers off (XLA_FLAGS=--xla_gpu_enable_command_buffer=, "
-                       "or bench/train_step.py --no_command_buffers) to attribute kernels to scopes")
+COMMAND_BUFFER_HINT = ("trace with command buffers off (XLA_FLAGS="
+                       "--xla_gpu_enable_command_buffer=, or bench/train_step.py "
+                       "--no_command_buffers) to attribute kernels to scopes")
 
 
 def find_trace(path: str) -> str:

@@ -13,7 +13,8 @@ a chunk boundary, or one at a time; either way the hidden state of every token e
 forward's. Subclasses provide the segment and the token step.
 
 CachedDecoder (swa, full) applies the model's stage methods over KV caches: a ring of the last
-window + 1 positions (attention.ring_slots) per layer for sliding-window attention, a linear cache of max_len for full attention.
+window + 1 positions (attention.ring_slots) per layer for sliding-window attention, a linear cache
+of max_len for full attention.
 
 DRTDecoder (chunk memory on the device or in host memory; §4 of docs/specification.md). A DRT
 session holds the state of a batch of sequences:

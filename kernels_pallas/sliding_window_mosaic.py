@@ -200,10 +200,9 @@ def _matmul(a, b, shape, staging=None):
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
-def _staging_tiles(interpret: bool, shape, dtype, warpgroups: int = _COMPUTE_WGS):
-  """Per-warpgroup smem tiles [warpgroups, *shape] for register wgmma operands in interpret
-  mode."""
-  return plgpu.SMEM((warpgroups, *shape), dtype) if interpret else None
+def _staging_tiles(interpret: bool, shape, dtype):
+  """Per-warpgroup smem tiles [2, *shape] for register wgmma operands in interpret mode."""
+  return plgpu.SMEM((_COMPUTE_WGS, *shape), dtype) if interpret else None
 
 
 def _visible(distance, window: int):
@@ -798,7 +797,7 @@ def _decode(q_rows, k_cache, v_cache, slope_rows, position, *, window, scale, al
           tile(stages, bs.block_k, head_dim),
           tile(stages, bs.block_k, head_dim),
           plgpu.SMEM((_ROWS,), jnp.float32),
-          None if not interpret else plgpu.SMEM((_ROWS, bs.block_k), q_rows.dtype),
+          plgpu.SMEM((_ROWS, bs.block_k), q_rows.dtype) if interpret else None,  # _matmul's
           plgpu.Barrier(num_barriers=1),
           plgpu.Barrier(num_barriers=1),
           plgpu.Barrier(num_barriers=stages),
