@@ -550,7 +550,7 @@ def check_decode_inputs(q, k_cache, v_cache, position, window):
     raise ValueError(f"position shape {jnp.shape(position)} must be (batch,) = ({batch},)")
 
 
-def _slot_distance(position, slots, cache_len: int):
+def slot_distance(position, slots, cache_len: int):
   """Distance from the query at `position` to the position held in each slot; >= 0."""
   distance = lax.rem(position - slots, jnp.int32(cache_len))
   return jnp.where(distance < 0, distance + cache_len, distance)
@@ -564,7 +564,7 @@ def sliding_window_decode_reference(q, k_cache, v_cache, slopes=None, *, window:
   batch, heads, head_dim = q.shape
   cache_len, kv_heads = k_cache.shape[1:3]
   group = heads // kv_heads
-  distance = _slot_distance(jnp.asarray(position, jnp.int32)[:, None], jnp.arange(cache_len),
+  distance = slot_distance(jnp.asarray(position, jnp.int32)[:, None], jnp.arange(cache_len),
                             cache_len)
   # Slots older than the window or never written (position < 0) are hidden, whatever they hold.
   visible = (distance <= window) & (distance <= jnp.asarray(position)[:, None])
@@ -595,7 +595,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, slope_ref, position_ref, o_ref, *, scale
   def body(kb, carry):
     acc, row_max, row_sum = carry
     slots = kb * block_k + jnp.arange(block_k)
-    distance = _slot_distance(position, slots, cache_len)
+    distance = slot_distance(position, slots, cache_len)
     visible = (slots < cache_len) & (distance <= window) & (distance <= position)
     # Masked loads: unwritten slots may hold anything, NaN included.
     k = plgpu.load(k_ref.at[pl.ds(kb * block_k, block_k), :], mask=visible[:, None], other=0)

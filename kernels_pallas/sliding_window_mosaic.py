@@ -36,7 +36,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels_pallas.sliding_window import (alibi_slopes, check_decode_inputs, check_shapes,
                                            differentiable, key_blocks, query_blocks,
                                            sliding_window_decode_reference,
-                                           sliding_window_reference, slopes_or_zeros)
+                                           sliding_window_reference, slopes_or_zeros,
+                                           slot_distance)
 
 __all__ = ["MosaicBlockSizes", "alibi_slopes", "sliding_window_attention",
            "sliding_window_decode", "sliding_window_decode_reference", "sliding_window_reference",
@@ -727,13 +728,9 @@ def _decode_kernel(q_ref, k_ref, v_ref, slope_ref, position_ref, o_ref, q_smem, 
   plgpu.barrier_wait(q_bar.at[0])
 
   def visible_slots(i, shape, axis):
-    """Which slots of step i (along `axis` of a tile) the query sees: slot s holds the newest
-    position p <= position with p = s mod cache_len, at distance (position - s) mod cache_len;
-    returns (visible, distance)."""
-    first = lax.rem(position - i * block_k, cache_len)
-    first = jnp.where(first < 0, first + cache_len, first)  # distance to the step's first slot
-    distance = first - plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
-    distance = jnp.where(distance < 0, distance + cache_len, distance)
+    """(visible, distance) of the slots of step i, along `axis` of a tile (as the reference's)."""
+    slots = i * block_k + plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
+    distance = slot_distance(position, slots, cache_len)
     return (distance <= window) & (distance <= position), distance
 
   shape = (_ROWS, block_k)
@@ -797,7 +794,8 @@ def _decode(q_rows, k_cache, v_cache, slope_rows, position, *, window, scale, al
           tile(stages, bs.block_k, head_dim),
           tile(stages, bs.block_k, head_dim),
           plgpu.SMEM((_ROWS,), jnp.float32),
-          plgpu.SMEM((_ROWS, bs.block_k), q_rows.dtype) if interpret else None,  # _matmul's
+          # p's staging tile for _matmul (interpret mode only)
+          plgpu.SMEM((_ROWS, bs.block_k), q_rows.dtype) if interpret else None,
           plgpu.Barrier(num_barriers=1),
           plgpu.Barrier(num_barriers=1),
           plgpu.Barrier(num_barriers=stages),

@@ -20,6 +20,7 @@ from drt_jax.config import ModelConfig
 from drt_jax.model import attention_impls as impls
 from drt_jax.model import layers
 from kernels_pallas import sliding_window as sliding_window_ops
+from kernels_pallas import sliding_window_mosaic
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -146,7 +147,8 @@ def write_rows(cache, rows, first):
       cache, rows, first)
 
 
-RING_TILE = 64  # the slots per step of the decode kernels (sliding_window_mosaic takes whole steps)
+# The Mosaic decode kernel streams a ring in whole steps of its default block_k slots.
+RING_TILE = sliding_window_mosaic.MosaicBlockSizes().block_k
 
 
 def ring_slots(window: int) -> int:
