@@ -143,20 +143,30 @@ def ring_cache(k, v, positions, cache_len):
   return jnp.asarray(k_cache), jnp.asarray(v_cache)
 
 
+def decode_and_full_sequence(decode, q, k, v, slopes, positions, *, window, cache_len, **kwargs):
+  """(decode's step for each sequence's query at its position, from ring caches of cache_len
+  slots in k's dtype, never-written slots NaN; the float32 full-sequence forward there). q, k, v
+  are whole sequences; kwargs go to decode."""
+  scale = q.shape[-1] ** -0.5
+  with jax.default_matmul_precision("highest"):
+    full = sw.sliding_window_reference(*(x.astype(jnp.float32) for x in (q, k, v)), slopes,
+                                       window=window, scale=scale)
+  k_cache, v_cache = ring_cache(k.astype(jnp.float32), v.astype(jnp.float32), positions, cache_len)
+  rows = np.arange(len(positions))
+  got = decode(q[rows, positions], k_cache.astype(k.dtype), v_cache.astype(v.dtype), slopes,
+               window=window, scale=scale, position=jnp.asarray(positions), **kwargs)
+  return got, full[rows, positions]
+
+
 @pytest.mark.parametrize("window,cache_len,kv_heads,alibi", [(20, 21, 2, True), (30, 40, 1, False)])
 def test_decode_matches_full_sequence(window, cache_len, kv_heads, alibi):
   length, heads, head_dim = 90, 4, 32
   q, k, v, _ = random_inputs(window, 4, length, heads, kv_heads, head_dim)
-  slopes = slopes_for(heads, alibi)
-  positions = np.array([length - 1, 10, 0, cache_len + 3])
-  full = sw.sliding_window_reference(q, k, v, slopes, window=window, scale=head_dim ** -0.5)
-  want = full[np.arange(4), positions]
-  k_cache, v_cache = ring_cache(k, v, positions, cache_len)
-  q_new = q[np.arange(4), positions]
-  kwargs = dict(window=window, scale=head_dim ** -0.5, position=jnp.asarray(positions))
-  got = sw.sliding_window_decode(q_new, k_cache, v_cache, slopes, block_sizes=SMALL,
-                                 interpret=True, **kwargs)
-  ref = sw.sliding_window_decode_reference(q_new, k_cache, v_cache, slopes, **kwargs)
+  args = (q, k, v, slopes_for(heads, alibi), np.array([length - 1, 10, 0, cache_len + 3]))
+  got, want = decode_and_full_sequence(sw.sliding_window_decode, *args, window=window,
+                                       cache_len=cache_len, block_sizes=SMALL, interpret=True)
+  ref, _ = decode_and_full_sequence(sw.sliding_window_decode_reference, *args, window=window,
+                                    cache_len=cache_len)
   assert rel_err(ref, want) < 1e-5
   assert rel_err(got, want) < 1e-5
 
@@ -199,14 +209,7 @@ def test_matches_reference_gpu(batch, length, heads, kv_heads, head_dim, dtype, 
 def test_decode_gpu():
   length, heads, head_dim, window = 1500, 12, 64, 512
   q, k, v, _ = random_inputs(1, 4, length, heads, heads, head_dim, jnp.bfloat16)
-  slopes = slopes_for(heads, True)
-  positions = np.array([length - 1, 100, 0, 700])
-  with jax.default_matmul_precision("highest"):
-    full = sw.sliding_window_reference(q.astype(jnp.float32), k.astype(jnp.float32),
-                                       v.astype(jnp.float32), slopes, window=window,
-                                       scale=head_dim ** -0.5)
-  k_cache, v_cache = ring_cache(k, v, positions, window + 1)
-  got = sw.sliding_window_decode(q[np.arange(4), positions], k_cache.astype(jnp.bfloat16),
-                                 v_cache.astype(jnp.bfloat16), slopes, window=window,
-                                 scale=head_dim ** -0.5, position=jnp.asarray(positions))
-  assert rel_err(got, full[np.arange(4), positions]) < TOLERANCE[jnp.bfloat16]
+  got, want = decode_and_full_sequence(sw.sliding_window_decode, q, k, v, slopes_for(heads, True),
+                                       np.array([length - 1, 100, 0, 700]), window=window,
+                                       cache_len=window + 1)
+  assert rel_err(got, want) < TOLERANCE[jnp.bfloat16]

@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels_pallas import sliding_window_mosaic as swm
-from tests.test_sliding_window_kernel import kernel_and_reference as triton_kernel_and_reference
 from drt_jax.model import attention
 from drt_jax.model import attention_impls as impls
-from tests.test_sliding_window_kernel import rel_err, random_inputs, ring_cache, slopes_for
+from kernels_pallas import sliding_window_mosaic as swm
+from tests.test_sliding_window_kernel import kernel_and_reference as triton_kernel_and_reference
+from tests.test_sliding_window_kernel import (decode_and_full_sequence, random_inputs, rel_err,
+                                              slopes_for)
 
 # bf16 inputs, so the outputs carry bf16 rounding (~2e-3); gradients twice the forward's.
 TOLERANCE = {"out": 1e-2, "dq": 2e-2, "dk": 2e-2, "dv": 2e-2}
@@ -123,23 +124,15 @@ def test_matches_reference_gpu(batch, length, heads, kv_heads, head_dim, alibi):
 
 def decode_and_reference(window, cache_len, batch, heads, kv_heads, head_dim, alibi, block_sizes,
                          interpret):
-  """(the Mosaic decode step, the f32 full-sequence forward) at each sequence's position, from a
-  ring cache whose never-written slots hold NaN."""
+  """(the Mosaic decode step, the f32 full-sequence forward) at each sequence's position, bf16
+  caches of cache_len slots."""
   length = 2 * cache_len + 44
   q, k, v, _ = random_inputs(window + cache_len, batch, length, heads, kv_heads, head_dim,
                              jnp.bfloat16)
-  slopes = slopes_for(heads, alibi)
   positions = np.array([length - 1, 10, 0, cache_len + 3, window, cache_len - 1][:batch])
-  with jax.default_matmul_precision("highest"):
-    full = swm.sliding_window_reference(*(x.astype(jnp.float32) for x in (q, k, v)), slopes,
-                                        window=window, scale=head_dim ** -0.5)
-  k_cache, v_cache = ring_cache(k.astype(jnp.float32), v.astype(jnp.float32), positions, cache_len)
-  rows = np.arange(batch)
-  got = swm.sliding_window_decode(q[rows, positions], k_cache.astype(jnp.bfloat16),
-                                  v_cache.astype(jnp.bfloat16), slopes, window=window,
-                                  scale=head_dim ** -0.5, position=jnp.asarray(positions),
+  return decode_and_full_sequence(swm.sliding_window_decode, q, k, v, slopes_for(heads, alibi),
+                                  positions, window=window, cache_len=cache_len,
                                   block_sizes=block_sizes, interpret=interpret)
-  return got, full[rows, positions]
 
 
 # (window, cache_len, heads, kv_heads, alibi, block_sizes): the ring larger than and equal to
