@@ -7,8 +7,9 @@ one that cannot run the shape is listed with its reason) with and without ALiBi,
 (no ALiBi) and the reference ("xla") against the float32 reference (highest-precision matmuls) on
 fresh random bf16 inputs, then times forward and forward+backward (per-call median over --reps
 groups of back-to-back calls, each group synchronised, after warm-up) and prints a table last.
---sweep first times each Triton kernel alone over candidate tile sizes and uses the fastest of
-each kernel for the Triton rows.
+--sweep first times each kernel alone over candidate tile sizes (Triton: tiles, warps and stages;
+Mosaic GPU: streamed tile and pipeline depth) and uses the fastest of each kernel for that
+implementation's rows; the sweep's rows and choices are in the JSON.
 
 FLOPs count only visible (query, key) pairs: 4 * head_dim per pair forward (QK^T and PV), 2.5x
 that backward (5 matmuls, with the QK^T recomputation), so forward+backward = 3.5x forward.
@@ -30,6 +31,7 @@ import numpy as np
 
 from drt_jax.model import attention_impls
 from kernels_pallas import sliding_window as sw
+from kernels_pallas import sliding_window_mosaic as sw_mosaic
 
 # Candidate tiles per kernel: (queries, keys, warps, stages); for dK/dV (keys per program, queries).
 FWD_CANDIDATES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 4, 3),
@@ -38,6 +40,8 @@ DKV_CANDIDATES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3
                   (32, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)]
 DQ_CANDIDATES = [(64, 32, 4, 2), (64, 32, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3), (128, 32, 8, 3),
                  (64, 64, 4, 3), (128, 64, 8, 3)]
+# Mosaic GPU: (streamed tile, stages) of each kernel; its fixed tiles are 2 x 64 rows.
+MOSAIC_CANDIDATES = [(64, 2), (64, 3), (64, 4), (128, 2), (128, 3)]
 
 
 def visible_pairs(length: int, window: int) -> int:
@@ -74,33 +78,21 @@ def fwd_and_train(attn):
   return jax.jit(attn), jax.jit(train)
 
 
-def sweep(q, k, v, slopes, do, want, *, window, scale, reps, interpret):
-  """Checks and times each kernel alone over its candidates; returns rows and the best sizes."""
-  static = dict(window=window, scale=scale, alibi=True, interpret=interpret)
-  base = sw.SlidingWindowBlockSizes(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
-                                    block_q_dq=128, block_k_dq=128)
-  # Candidate tiles are <= 128 and 16640 = 130 * 128: the kernels run on the unpadded inputs.
-  _, lse = sw._forward(q, k, v, slopes, block_sizes=base, **static)
-  delta = jnp.einsum("bthd,bthd->bht", want["out"].astype(jnp.float32), do.astype(jnp.float32))
-  bwd_args = (q, k, v, slopes, do, lse, delta)
-  kernels = [
-      ("fwd", sw._forward, (q, k, v, slopes), FWD_CANDIDATES,
-       ("block_q", "block_k", "num_warps", "num_stages"), ("out",)),
-      ("dkv", sw._dkv, bwd_args, DKV_CANDIDATES,
-       ("block_k_dkv", "block_q_dkv", "num_warps_dkv", "num_stages_dkv"), ("dk", "dv")),
-      ("dq", sw._dq, bwd_args, DQ_CANDIDATES,
-       ("block_q_dq", "block_k_dq", "num_warps_dq", "num_stages_dq"), ("dq",)),
-  ]
+def sweep_kernels(kernels, base, *, reps):
+  """Checks and times each kernel alone over its candidates; returns rows and the best sizes.
+
+  kernels: (name, fn(*args, block_sizes), args, candidates, fields, {output: reference}) each.
+  """
   rows, best = [], {}
-  for name, kernel, kernel_args, candidates, fields, outputs in kernels:
+  for name, kernel, kernel_args, candidates, fields, want in kernels:
     for cand in candidates:
       tiles = dict(zip(fields, cand))
-      fn = functools.partial(kernel, block_sizes=dataclasses.replace(base, **tiles), **static)
       row = {"kernel": name, "tiles": tiles}
       try:
+        fn = functools.partial(kernel, block_sizes=dataclasses.replace(base, **tiles))
         got = fn(*kernel_args)
-        got = (got,) if name == "dq" else got
-        row["rel_err"] = {o: rel_err(g, want[o]) for o, g in zip(outputs, got)}
+        got = tuple(got) if isinstance(got, (tuple, list)) else (got,)
+        row["rel_err"] = {o: rel_err(g, ref) for (o, ref), g in zip(want.items(), got)}
         row.update(time_fn(fn, *kernel_args, reps=reps))
       except Exception as e:  # a candidate that fails to compile (e.g. shared memory) is recorded
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -114,11 +106,54 @@ def sweep(q, k, v, slopes, do, want, *, window, scale, reps, interpret):
   return rows, chosen
 
 
+def backward_inputs(q, do, want, lse):
+  """(do, lse, delta) as the backward kernels take them, delta from the reference output."""
+  delta = jnp.einsum("bthd,bthd->bht", want["out"].astype(jnp.float32), do.astype(jnp.float32))
+  return do, lse, delta
+
+
+def sweep_triton(q, k, v, slopes, do, want, *, window, scale, reps, interpret):
+  static = dict(window=window, scale=scale, alibi=True, interpret=interpret)
+  base = sw.SlidingWindowBlockSizes(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
+                                    block_q_dq=128, block_k_dq=128)
+  # Candidate tiles are <= 128 and 16640 = 130 * 128: the kernels run on the unpadded inputs.
+  _, lse = sw._forward(q, k, v, slopes, block_sizes=base, **static)
+  bwd_args = (q, k, v, slopes, *backward_inputs(q, do, want, lse))
+  pick = lambda *names: {n: want[n] for n in names}  # noqa: E731
+  kernels = [
+      ("fwd", functools.partial(sw._forward, **static), (q, k, v, slopes), FWD_CANDIDATES,
+       ("block_q", "block_k", "num_warps", "num_stages"), pick("out")),
+      ("dkv", functools.partial(sw._dkv, **static), bwd_args, DKV_CANDIDATES,
+       ("block_k_dkv", "block_q_dkv", "num_warps_dkv", "num_stages_dkv"), pick("dk", "dv")),
+      ("dq", functools.partial(sw._dq, **static), bwd_args, DQ_CANDIDATES,
+       ("block_q_dq", "block_k_dq", "num_warps_dq", "num_stages_dq"), pick("dq")),
+  ]
+  return sweep_kernels(kernels, base, reps=reps)
+
+
+def sweep_mosaic(q, k, v, slopes, do, want, *, window, scale, reps, interpret):
+  static = dict(window=window, scale=scale, alibi=True, interpret=interpret)
+  base = sw_mosaic.MosaicBlockSizes()
+  slope_rows = sw_mosaic._slope_rows(slopes, q.shape[2])
+  _, lse = sw_mosaic._forward(q, k, v, slope_rows, block_sizes=base, **static)
+  bwd_args = (q, k, v, slope_rows, *backward_inputs(q, do, want, lse))
+  pick = lambda *names: {n: want[n] for n in names}  # noqa: E731
+  kernels = [
+      ("fwd", functools.partial(sw_mosaic._forward, **static), (q, k, v, slope_rows),
+       MOSAIC_CANDIDATES, ("block_k", "stages"), pick("out")),
+      ("dkv", functools.partial(sw_mosaic._dkv, **static), bwd_args, MOSAIC_CANDIDATES,
+       ("block_q_dkv", "stages_dkv"), pick("dk", "dv")),
+      ("dq", functools.partial(sw_mosaic._dq, **static), bwd_args, MOSAIC_CANDIDATES,
+       ("block_k_dq", "stages_dq"), pick("dq")),
+  ]
+  return sweep_kernels(kernels, base, reps=reps)
+
+
 def timed_impls(q, k, v, slopes, *, window, scale, block_sizes, interpret):
   """({row name: attention(q, k, v)}, {impl: why it cannot run this shape}): every registered
   kernel implementation of the op (drt_jax/model/attention_impls.py) with and without ALiBi
-  (Triton with `block_sizes`), cuDNN's sliding window (no ALiBi: it has none but a dense bias),
-  and the plain-JAX reference ("xla") last."""
+  (with block_sizes[impl] where given), cuDNN's sliding window (no ALiBi: it has none but a dense
+  bias), and the plain-JAX reference ("xla") last."""
   op = attention_impls.SLIDING_WINDOW
   settings = dict(window=window, scale=scale)
   runnable, unsupported = op.kernels(q, k, v, slopes, **settings)
@@ -126,7 +161,7 @@ def timed_impls(q, k, v, slopes, *, window, scale, block_sizes, interpret):
     print(f"{name}: not timed ({reason})", flush=True)
   rows = {}
   for name, entry in runnable.items():
-    extra = dict(block_sizes=block_sizes) if name == "triton" else {}
+    extra = dict(block_sizes=block_sizes[name]) if name in block_sizes else {}
     fn = functools.partial(entry.fn, interpret=interpret, **settings, **extra)
     rows[f"{name}_alibi"] = functools.partial(fn, slopes=slopes)
     rows[f"{name}_no_alibi"] = fn
@@ -172,12 +207,18 @@ def main():
             "compute_capability": getattr(device, "compute_capability", None),
             "jax": jax.__version__, "shape": list(shape), "window": window, "dtype": "bfloat16",
             "command": " ".join(["python3"] + sys.argv)}
+  block_sizes = {"triton": sw.SlidingWindowBlockSizes.for_device()}
   if args.sweep:
-    result["sweep"], block_sizes = sweep(q, k, v, slopes, do, want, window=window, scale=scale,
-                                         reps=args.reps, interpret=args.interpret)
-  else:
-    block_sizes = sw.SlidingWindowBlockSizes.for_device()
-  result["block_sizes"] = dataclasses.asdict(block_sizes)
+    sweeps = {"triton": sweep_triton}
+    if attention_impls.SLIDING_WINDOW.kernels(q, k, v, slopes, window=window,
+                                              scale=scale)[0].get("mosaic"):
+      sweeps["mosaic"] = sweep_mosaic
+    result["sweep"] = {}
+    for impl, run_sweep in sweeps.items():
+      result["sweep"][impl], block_sizes[impl] = run_sweep(
+          q, k, v, slopes, do, want, window=window, scale=scale, reps=args.reps,
+          interpret=args.interpret)
+  result["block_sizes"] = {impl: dataclasses.asdict(b) for impl, b in block_sizes.items()}
 
   impls, result["unsupported"] = timed_impls(q, k, v, slopes, window=window, scale=scale,
                                              block_sizes=block_sizes, interpret=args.interpret)
@@ -217,7 +258,9 @@ def main():
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
 
-  print(f"\n{device.device_kind}  shape {shape}  W={window}  bf16  block_sizes {block_sizes}")
+  print(f"\n{device.device_kind}  shape {shape}  W={window}  bf16")
+  for impl, sizes in block_sizes.items():
+    print(f"{impl} block sizes: {sizes}")
   print(f"{'impl':18s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'f+b ms':>8s} {'TFLOP/s':>8s}  max rel err")
   for name, row in rows.items():
     if "error" in row:
