@@ -106,10 +106,15 @@ def sweep_kernels(kernels, base, *, reps):
   return rows, chosen
 
 
-def backward_inputs(q, do, want, lse):
+def backward_inputs(do, want, lse):
   """(do, lse, delta) as the backward kernels take them, delta from the reference output."""
   delta = jnp.einsum("bthd,bthd->bht", want["out"].astype(jnp.float32), do.astype(jnp.float32))
   return do, lse, delta
+
+
+def pick(want, *names):
+  """The references of a kernel's outputs, in its output order."""
+  return {n: want[n] for n in names}
 
 
 def sweep_triton(q, k, v, slopes, do, want, *, window, scale, reps, interpret):
@@ -118,15 +123,14 @@ def sweep_triton(q, k, v, slopes, do, want, *, window, scale, reps, interpret):
                                     block_q_dq=128, block_k_dq=128)
   # Candidate tiles are <= 128 and 16640 = 130 * 128: the kernels run on the unpadded inputs.
   _, lse = sw._forward(q, k, v, slopes, block_sizes=base, **static)
-  bwd_args = (q, k, v, slopes, *backward_inputs(q, do, want, lse))
-  pick = lambda *names: {n: want[n] for n in names}  # noqa: E731
+  bwd_args = (q, k, v, slopes, *backward_inputs(do, want, lse))
   kernels = [
       ("fwd", functools.partial(sw._forward, **static), (q, k, v, slopes), FWD_CANDIDATES,
-       ("block_q", "block_k", "num_warps", "num_stages"), pick("out")),
+       ("block_q", "block_k", "num_warps", "num_stages"), pick(want, "out")),
       ("dkv", functools.partial(sw._dkv, **static), bwd_args, DKV_CANDIDATES,
-       ("block_k_dkv", "block_q_dkv", "num_warps_dkv", "num_stages_dkv"), pick("dk", "dv")),
+       ("block_k_dkv", "block_q_dkv", "num_warps_dkv", "num_stages_dkv"), pick(want, "dk", "dv")),
       ("dq", functools.partial(sw._dq, **static), bwd_args, DQ_CANDIDATES,
-       ("block_q_dq", "block_k_dq", "num_warps_dq", "num_stages_dq"), pick("dq")),
+       ("block_q_dq", "block_k_dq", "num_warps_dq", "num_stages_dq"), pick(want, "dq")),
   ]
   return sweep_kernels(kernels, base, reps=reps)
 
@@ -136,15 +140,14 @@ def sweep_mosaic(q, k, v, slopes, do, want, *, window, scale, reps, interpret):
   base = sw_mosaic.MosaicBlockSizes()
   slope_rows = sw_mosaic._slope_rows(slopes, q.shape[2])
   _, lse = sw_mosaic._forward(q, k, v, slope_rows, block_sizes=base, **static)
-  bwd_args = (q, k, v, slope_rows, *backward_inputs(q, do, want, lse))
-  pick = lambda *names: {n: want[n] for n in names}  # noqa: E731
+  bwd_args = (q, k, v, slope_rows, *backward_inputs(do, want, lse))
   kernels = [
       ("fwd", functools.partial(sw_mosaic._forward, **static), (q, k, v, slope_rows),
-       MOSAIC_CANDIDATES, ("block_k", "stages"), pick("out")),
+       MOSAIC_CANDIDATES, ("block_k", "stages"), pick(want, "out")),
       ("dkv", functools.partial(sw_mosaic._dkv, **static), bwd_args, MOSAIC_CANDIDATES,
-       ("block_q_dkv", "stages_dkv"), pick("dk", "dv")),
+       ("block_q_dkv", "stages_dkv"), pick(want, "dk", "dv")),
       ("dq", functools.partial(sw_mosaic._dq, **static), bwd_args, MOSAIC_CANDIDATES,
-       ("block_k_dq", "stages_dq"), pick("dq")),
+       ("block_k_dq", "stages_dq"), pick(want, "dq")),
   ]
   return sweep_kernels(kernels, base, reps=reps)
 
