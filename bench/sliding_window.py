@@ -78,78 +78,60 @@ def fwd_and_train(attn):
   return jax.jit(attn), jax.jit(train)
 
 
-def sweep_kernels(kernels, base, *, reps):
-  """Checks and times each kernel alone over its candidates; returns rows and the best sizes.
+# Per implementation: its kernel module, the sizes a sweep starts from, how its kernels take the
+# ALiBi slopes ([heads] -> their argument), and per kernel the fields swept and their candidates.
+SWEEPS = {
+    # Candidate tiles are <= 128 and 16640 = 130 * 128: the kernels run on the unpadded inputs.
+    "triton": (sw, sw.SlidingWindowBlockSizes(block_q=128, block_k=128, block_q_dkv=128,
+                                              block_k_dkv=128, block_q_dq=128, block_k_dq=128),
+               lambda slopes, heads: slopes, {
+                   "fwd": (("block_q", "block_k", "num_warps", "num_stages"), FWD_CANDIDATES),
+                   "dkv": (("block_k_dkv", "block_q_dkv", "num_warps_dkv", "num_stages_dkv"),
+                           DKV_CANDIDATES),
+                   "dq": (("block_q_dq", "block_k_dq", "num_warps_dq", "num_stages_dq"),
+                          DQ_CANDIDATES)}),
+    "mosaic": (sw_mosaic, sw_mosaic.MosaicBlockSizes(), sw_mosaic._slope_rows, {
+        "fwd": (("block_k", "stages"), MOSAIC_CANDIDATES),
+        "dkv": (("block_q_dkv", "stages_dkv"), MOSAIC_CANDIDATES),
+        "dq": (("block_k_dq", "stages_dq"), MOSAIC_CANDIDATES)}),
+}
+# Each kernel's function in its module and its outputs (the reference's names), in order.
+KERNELS = {"fwd": ("_forward", ("out",)), "dkv": ("_dkv", ("dk", "dv")), "dq": ("_dq", ("dq",))}
 
-  kernels: (name, fn(*args, block_sizes), args, candidates, fields, {output: reference}) each.
-  """
+
+def sweep(impl, q, k, v, slopes, do, want, *, window, scale, reps, interpret):
+  """Checks and times each kernel of `impl` alone over its candidates; returns rows and the best
+  sizes (the fastest candidate within 1e-2 of the reference, per kernel)."""
+  module, base, slope_arg, tables = SWEEPS[impl]
+  static = dict(window=window, scale=scale, alibi=True, interpret=interpret)
+  fwd_args = (q, k, v, slope_arg(slopes, q.shape[2]))
+  _, lse = module._forward(*fwd_args, block_sizes=base, **static)
+  delta = jnp.einsum("bthd,bthd->bht", want["out"].astype(jnp.float32), do.astype(jnp.float32))
+  bwd_args = (*fwd_args, do, lse, delta)
   rows, best = [], {}
-  for name, kernel, kernel_args, candidates, fields, want in kernels:
+  for name, (fields, candidates) in tables.items():
+    function, outputs = KERNELS[name]
+    kernel = functools.partial(getattr(module, function), **static)
     for cand in candidates:
       tiles = dict(zip(fields, cand))
       row = {"kernel": name, "tiles": tiles}
       try:
         fn = functools.partial(kernel, block_sizes=dataclasses.replace(base, **tiles))
-        got = fn(*kernel_args)
+        args = fwd_args if name == "fwd" else bwd_args
+        got = fn(*args)
         got = tuple(got) if isinstance(got, (tuple, list)) else (got,)
-        row["rel_err"] = {o: rel_err(g, ref) for (o, ref), g in zip(want.items(), got)}
-        row.update(time_fn(fn, *kernel_args, reps=reps))
+        row["rel_err"] = {o: rel_err(g, want[o]) for o, g in zip(outputs, got)}
+        row.update(time_fn(fn, *args, reps=reps))
       except Exception as e:  # a candidate that fails to compile (e.g. shared memory) is recorded
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
       rows.append(row)
       ok = "error" not in row and max(row["rel_err"].values()) < 1e-2
       if ok and (name not in best or row["median_ms"] < best[name]["median_ms"]):
         best[name] = row
-      print(f"sweep {name} {cand}: {row.get('median_ms', row.get('error'))} "
+      print(f"sweep {impl} {name} {cand}: {row.get('median_ms', row.get('error'))} "
             f"{row.get('rel_err', '')}", flush=True)
   chosen = dataclasses.replace(base, **{f: x for r in best.values() for f, x in r["tiles"].items()})
   return rows, chosen
-
-
-def backward_inputs(do, want, lse):
-  """(do, lse, delta) as the backward kernels take them, delta from the reference output."""
-  delta = jnp.einsum("bthd,bthd->bht", want["out"].astype(jnp.float32), do.astype(jnp.float32))
-  return do, lse, delta
-
-
-def pick(want, *names):
-  """The references of a kernel's outputs, in its output order."""
-  return {n: want[n] for n in names}
-
-
-def sweep_triton(q, k, v, slopes, do, want, *, window, scale, reps, interpret):
-  static = dict(window=window, scale=scale, alibi=True, interpret=interpret)
-  base = sw.SlidingWindowBlockSizes(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
-                                    block_q_dq=128, block_k_dq=128)
-  # Candidate tiles are <= 128 and 16640 = 130 * 128: the kernels run on the unpadded inputs.
-  _, lse = sw._forward(q, k, v, slopes, block_sizes=base, **static)
-  bwd_args = (q, k, v, slopes, *backward_inputs(do, want, lse))
-  kernels = [
-      ("fwd", functools.partial(sw._forward, **static), (q, k, v, slopes), FWD_CANDIDATES,
-       ("block_q", "block_k", "num_warps", "num_stages"), pick(want, "out")),
-      ("dkv", functools.partial(sw._dkv, **static), bwd_args, DKV_CANDIDATES,
-       ("block_k_dkv", "block_q_dkv", "num_warps_dkv", "num_stages_dkv"), pick(want, "dk", "dv")),
-      ("dq", functools.partial(sw._dq, **static), bwd_args, DQ_CANDIDATES,
-       ("block_q_dq", "block_k_dq", "num_warps_dq", "num_stages_dq"), pick(want, "dq")),
-  ]
-  return sweep_kernels(kernels, base, reps=reps)
-
-
-def sweep_mosaic(q, k, v, slopes, do, want, *, window, scale, reps, interpret):
-  static = dict(window=window, scale=scale, alibi=True, interpret=interpret)
-  base = sw_mosaic.MosaicBlockSizes()
-  slope_rows = sw_mosaic._slope_rows(slopes, q.shape[2])
-  _, lse = sw_mosaic._forward(q, k, v, slope_rows, block_sizes=base, **static)
-  bwd_args = (q, k, v, slope_rows, *backward_inputs(do, want, lse))
-  kernels = [
-      ("fwd", functools.partial(sw_mosaic._forward, **static), (q, k, v, slope_rows),
-       MOSAIC_CANDIDATES, ("block_k", "stages"), pick(want, "out")),
-      ("dkv", functools.partial(sw_mosaic._dkv, **static), bwd_args, MOSAIC_CANDIDATES,
-       ("block_q_dkv", "stages_dkv"), pick(want, "dk", "dv")),
-      ("dq", functools.partial(sw_mosaic._dq, **static), bwd_args, MOSAIC_CANDIDATES,
-       ("block_k_dq", "stages_dq"), pick(want, "dq")),
-  ]
-  return sweep_kernels(kernels, base, reps=reps)
 
 
 def timed_impls(q, k, v, slopes, *, window, scale, block_sizes, interpret):
@@ -210,17 +192,17 @@ def main():
             "compute_capability": getattr(device, "compute_capability", None),
             "jax": jax.__version__, "shape": list(shape), "window": window, "dtype": "bfloat16",
             "command": " ".join(["python3"] + sys.argv)}
-  block_sizes = {"triton": sw.SlidingWindowBlockSizes.for_device()}
+  block_sizes = {"triton": sw.SlidingWindowBlockSizes.for_device(),
+                 "mosaic": sw_mosaic.MosaicBlockSizes()}
   if args.sweep:
-    sweeps = {"triton": sweep_triton}
-    if attention_impls.SLIDING_WINDOW.kernels(q, k, v, slopes, window=window,
-                                              scale=scale)[0].get("mosaic"):
-      sweeps["mosaic"] = sweep_mosaic
+    runnable, _ = attention_impls.SLIDING_WINDOW.kernels(q, k, v, slopes, window=window,
+                                                         scale=scale)
     result["sweep"] = {}
-    for impl, run_sweep in sweeps.items():
-      result["sweep"][impl], block_sizes[impl] = run_sweep(
-          q, k, v, slopes, do, want, window=window, scale=scale, reps=args.reps,
-          interpret=args.interpret)
+    for impl in SWEEPS:
+      if impl in runnable:
+        result["sweep"][impl], block_sizes[impl] = sweep(
+            impl, q, k, v, slopes, do, want, window=window, scale=scale, reps=args.reps,
+            interpret=args.interpret)
   result["block_sizes"] = {impl: dataclasses.asdict(b) for impl, b in block_sizes.items()}
 
   impls, result["unsupported"] = timed_impls(q, k, v, slopes, window=window, scale=scale,
